@@ -1,0 +1,1 @@
+"""iet-jax: the Individualized Exploratory Transformer (IET) for super-resolution in JAX."""

@@ -1,0 +1,310 @@
+"""Individualized Exploratory Attention (DESIGN.md section 2), as parameter-free functions.
+
+Each (batch, head) carries its own candidate list `idx[N, K]` (token indices, -1 = empty)
+and the attention `attn[N, K]` of the last layer. A layer scores q against its list, takes
+the softmax, cascades with the previous attention, prunes with `jax.lax.top_k`, aggregates,
+and the last layer of some blocks grows the lists by two-hop propagation.
+
+Which of these steps a layer performs depends only on the config, so `build_plan` decides it
+once, in Python, and the model code follows the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iet_jax import ops
+
+CASCADE_EPS = 1e-20
+
+
+# ----------------------------------------------------------------------------- neighbourhoods
+
+
+def _window_starts(length: int, kernel: int, dilation: int) -> np.ndarray:
+    """First member of each position's window along one axis (NATTEN semantics).
+
+    With dilation the axis splits into `dilation` interleaved sub-grids; the window is taken in
+    the position's own sub-grid and shifted inward at the borders so it keeps `kernel` members.
+    """
+    pos = np.arange(length)
+    sub = pos % dilation
+    sub_len = (length - sub + dilation - 1) // dilation
+    if sub_len.min() < kernel:
+        raise ValueError(
+            f"an axis of {length} tokens is too short for a {kernel}-wide window with dilation "
+            f"{dilation}: it needs at least {kernel * dilation} tokens"
+        )
+    start = np.clip(pos // dilation - kernel // 2, 0, sub_len - kernel)
+    return sub + dilation * start
+
+
+def neighbourhood(height: int, width: int, kernel: int, dilation: int = 1) -> np.ndarray:
+    """(H*W, kernel*kernel) int32: each token's window, row-major over the window."""
+    steps = dilation * np.arange(kernel)
+    ys = _window_starts(height, kernel, dilation)[:, None] + steps  # (H, k)
+    xs = _window_starts(width, kernel, dilation)[:, None] + steps  # (W, k)
+    idx = ys[:, None, :, None] * width + xs[None, :, None, :]  # (H, W, k, k)
+    return idx.reshape(height * width, kernel * kernel).astype(np.int32)
+
+
+class InitialCandidates(NamedTuple):
+    """The lists every token starts from: dense window ++ dilated window (K = r1^2 + r2^2)."""
+
+    idx: np.ndarray  # (N, K) int32
+    duplicate: np.ndarray  # (N, r2^2) bool: dilated entries already in the dense window
+    interior: np.ndarray  # (N,) bool: tokens that get the relative position bias
+    dense: int  # r1^2
+
+
+def initial_candidates(
+    height: int, width: int, local_range: int, sparse_range: int, dilation: int
+) -> InitialCandidates:
+    dense = neighbourhood(height, width, local_range, 1)
+    sparse = neighbourhood(height, width, sparse_range, dilation)
+    # The dense window is a rectangle, so membership is a range test on coordinates.
+    y0, x0 = dense[:, :1] // width, dense[:, :1] % width
+    sy, sx = sparse // width, sparse % width
+    duplicate = (sy >= y0) & (sy < y0 + local_range) & (sx >= x0) & (sx < x0 + local_range)
+    r = local_range // 2
+    ty, tx = np.divmod(np.arange(height * width), width)
+    interior = (ty >= r) & (ty < height - r) & (tx >= r) & (tx < width - r)
+    return InitialCandidates(
+        idx=np.concatenate([dense, sparse], axis=1),
+        duplicate=duplicate,
+        interior=interior,
+        dense=local_range * local_range,
+    )
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What one attention layer does; all of it follows from the budgets in the config."""
+
+    block: int
+    layer: int
+    candidates_in: int  # K of the lists this layer scores
+    keep: int  # K after this layer: min(topk_focus, candidates_in)
+    on_initial: bool  # scores the initial dense+dilated lists (no list materialised yet)
+    cascade: bool
+    has_rpb: bool  # owns a relative position bias parameter (official `rpi` rule)
+    propagate: tuple[int, int, int] | None  # (k1, k2, k_add) in the block's last layer
+    similarity: bool  # feeds SF-FFN (blocks 6 and 7)
+
+    @property
+    def prunes(self) -> bool:
+        return self.keep < self.candidates_in
+
+
+def build_plan(
+    topk_focus: Sequence[Sequence[int]],
+    topk_prop_1: Sequence[int],
+    topk_prop_2: Sequence[int],
+    topk_prop_3: Sequence[int],
+    initial_k: int,
+    similarity_blocks: Sequence[int],
+) -> list[list[LayerPlan]]:
+    """Walk the blocks once and record each layer's steps; refuse budgets that cannot work."""
+    blocks = len(topk_focus)
+    for name, seq in (("topk_prop_1", topk_prop_1), ("topk_prop_2", topk_prop_2),
+                      ("topk_prop_3", topk_prop_3)):
+        if len(seq) != blocks:
+            raise ValueError(f"{name} has {len(seq)} entries but topk_focus has {blocks} blocks")
+    # The first layer of a block cascades when the block before it did not propagate.
+    cascading_blocks = {b + 1 for b, add in enumerate(topk_prop_3) if add == 0}
+    plan: list[list[LayerPlan]] = []
+    k_current, on_initial = initial_k, True
+    for b, budgets in enumerate(topk_focus):
+        block_plan = []
+        for l, budget in enumerate(budgets):
+            if budget < 1:
+                raise ValueError(f"topk_focus[{b}][{l}] = {budget} must be positive")
+            # A budget above the candidates that arrive means "keep all" (official behaviour;
+            # the light x2 eval settings rely on it).
+            keep = min(budget, k_current)
+            last = l == len(budgets) - 1
+            propagate = None
+            if last and topk_prop_3[b] > 0:
+                k1, k2 = topk_prop_1[b], topk_prop_2[b]
+                if not (0 < k2 <= k1 <= keep):
+                    raise ValueError(
+                        f"block {b}: propagation needs 0 < topk_prop_2 ({k2}) <= topk_prop_1 "
+                        f"({k1}) <= topk_focus ({keep})"
+                    )
+                propagate = (k1, k2, topk_prop_3[b])
+            block_plan.append(
+                LayerPlan(
+                    block=b,
+                    layer=l,
+                    candidates_in=k_current,
+                    keep=keep,
+                    on_initial=on_initial,
+                    cascade=l > 0 or b in cascading_blocks,
+                    # Official rule, including Python's wrap-around of budgets[l - 1] at l = 0.
+                    has_rpb=budget == initial_k or budgets[l - 1] == initial_k,
+                    propagate=propagate,
+                    similarity=b in similarity_blocks,
+                )
+            )
+            if keep < k_current:
+                on_initial = False
+            k_current = keep
+            if propagate is not None:
+                k_current, on_initial = keep + propagate[2], False
+        plan.append(block_plan)
+    if plan and plan[0] and plan[0][0].cascade:
+        raise ValueError("the first layer of the network has no previous attention to cascade")
+    return plan
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+class AttnState(NamedTuple):
+    """Carried between layers: candidate lists (None while still the initial ones) and attention."""
+
+    idx: jax.Array | None  # (B, h, N, K) int32
+    attn: jax.Array | None  # (B, h, N, K)
+
+
+def _broadcast_initial(initial: InitialCandidates, batch: int, heads: int) -> jax.Array:
+    idx = jnp.asarray(initial.idx)
+    return jnp.broadcast_to(idx, (batch, heads) + idx.shape)
+
+
+def score(
+    q: jax.Array,
+    k: jax.Array,
+    state: AttnState,
+    plan: LayerPlan,
+    initial: InitialCandidates,
+    rpb: jax.Array | None,
+    impl: str,
+) -> jax.Array:
+    """Raw scores (B, h, N, K) of pre-scaled q against each token's candidates."""
+    b, h = q.shape[:2]
+    if not plan.on_initial:
+        return ops.gather_qk(q, k, state.idx, impl)
+    s = ops.gather_qk(q, k, _broadcast_initial(initial, b, h), impl)
+    dense, sparse = s[..., : initial.dense], s[..., initial.dense :]
+    if rpb is not None:
+        biased = dense + rpb.astype(s.dtype)[None, :, None, :]
+        dense = jnp.where(jnp.asarray(initial.interior)[:, None], biased, dense)
+    sparse = jnp.where(jnp.asarray(initial.duplicate), -jnp.inf, sparse)
+    return jnp.concatenate([dense, sparse], axis=-1)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    state: AttnState,
+    plan: LayerPlan,
+    initial: InitialCandidates,
+    rpb: jax.Array | None,
+    impl: str,
+) -> tuple[jax.Array, AttnState]:
+    """Steps 1-5 of DESIGN.md section 2. q is already scaled by d^-1/2. Returns (B,h,N,d)."""
+    a = jax.nn.softmax(score(q, k, state, plan, initial, rpb, impl), axis=-1)
+    if plan.cascade:
+        a = a * state.attn
+        a = (a + CASCADE_EPS) / (jnp.sum(a, axis=-1, keepdims=True) + CASCADE_EPS)
+    idx = state.idx
+    if idx is None and (plan.prunes or plan.propagate is not None):
+        idx = _broadcast_initial(initial, q.shape[0], q.shape[1])
+    if plan.prunes:
+        a, pos = jax.lax.top_k(a, plan.keep)
+        idx = jnp.take_along_axis(idx, pos, axis=-1)
+    lists = idx if idx is not None else _broadcast_initial(initial, q.shape[0], q.shape[1])
+    out = ops.gather_av(a, v, lists, impl)
+    return out, AttnState(idx=idx, attn=a)
+
+
+# ----------------------------------------------------------------------------- propagation
+
+
+def _per_head_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
+    """table (B,h,N,...) indexed along N by rows (B,h,...) -> (B,h,*rows.shape[2:],...)."""
+    return jax.vmap(jax.vmap(lambda t, r: t[r]))(table, rows)
+
+
+def merge_by_index(idx: jax.Array, extra: jax.Array, size: int) -> jax.Array:
+    """Union of two lists, de-duplicated, ascending by token index, cut to `size`, -1 padded.
+
+    This reproduces the official merge exactly, including that an empty slot (-1) in either
+    list survives once, at the front.
+    """
+    merged = jnp.sort(jnp.concatenate([idx, extra], axis=-1), axis=-1)
+    first = jnp.concatenate(
+        [jnp.ones_like(merged[..., :1], bool), merged[..., 1:] != merged[..., :-1]], axis=-1
+    )
+    big = jnp.iinfo(merged.dtype).max
+    unique = jnp.sort(jnp.where(first, merged, big), axis=-1)
+    if unique.shape[-1] < size:
+        pad = jnp.full(unique.shape[:-1] + (size - unique.shape[-1],), big, unique.dtype)
+        unique = jnp.concatenate([unique, pad], axis=-1)
+    unique = unique[..., :size]
+    return jnp.where(unique == big, -1, unique)
+
+
+def merge_by_rank(idx: jax.Array, extra: jax.Array, size: int) -> jax.Array:
+    """Union that keeps `idx` in its (score) order, then new entries in hop-rank order.
+
+    Not what the official model does (it cuts by token index); offered as an explicit option.
+    Empty slots are dropped and the tail is -1 padded.
+    """
+    merged = jnp.concatenate([idx, extra], axis=-1)
+    length = merged.shape[-1]
+    order = jnp.argsort(merged, axis=-1, stable=True)
+    grouped = jnp.take_along_axis(merged, order, axis=-1)
+    first = jnp.concatenate(
+        [jnp.ones_like(grouped[..., :1], bool), grouped[..., 1:] != grouped[..., :-1]], axis=-1
+    ) & (grouped >= 0)
+    keep = jnp.take_along_axis(first, jnp.argsort(order, axis=-1), axis=-1)
+    position = jnp.where(keep, jnp.arange(length), length)
+    chosen = jnp.sort(position, axis=-1)
+    if length < size:
+        chosen = jnp.concatenate(
+            [chosen, jnp.full(chosen.shape[:-1] + (size - length,), length, chosen.dtype)], -1
+        )
+    chosen = chosen[..., :size]
+    values = jnp.take_along_axis(merged, jnp.minimum(chosen, length - 1), axis=-1)
+    return jnp.where(chosen == length, -1, values)
+
+
+def propagate(
+    idx: jax.Array, attn: jax.Array, k1: int, k2: int, k_add: int, merge: str = "index"
+) -> jax.Array:
+    """Grow each list with its best neighbours' best neighbours (two hops), no gradient."""
+    attn = jax.lax.stop_gradient(attn)
+    _, pos = jax.lax.top_k(attn, k1)
+    hop1 = jnp.take_along_axis(idx, pos, axis=-1)  # (B,h,N,k1), best first
+    hop2 = _per_head_rows(hop1[..., :k2], hop1)  # (B,h,N,k1,k2)
+    extra = hop2.reshape(hop2.shape[:-2] + (k1 * k2,))
+    size = idx.shape[-1] + k_add
+    if merge == "index":
+        return merge_by_index(idx, extra, size)
+    if merge == "rank":
+        return merge_by_rank(idx, extra, size)
+    raise ValueError(f"merge must be 'index' (official) or 'rank', got {merge!r}")
+
+
+def similar_tokens(idx: jax.Array, attn: jax.Array) -> jax.Array:
+    """(B,h,N): each token's most attended candidate other than itself (for SF-FFN)."""
+    _, pos = jax.lax.top_k(attn, 2)
+    best = jnp.take_along_axis(idx, pos, axis=-1)
+    self_index = jnp.arange(idx.shape[2], dtype=idx.dtype)
+    return jnp.where(best[..., 0] == self_index, best[..., 1], best[..., 0])
+
+
+def gather_tokens(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x (B,h,N,d) gathered along N by rows (B,h,N) -> (B,h,N,d)."""
+    return _per_head_rows(x, rows)
