@@ -16,9 +16,10 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla")
 
-# Elements of the gathered [N, K, d] tensor the XLA path builds at once. lax.map walks the
-# (batch, head) pairs in groups that stay under this, which bounds CPU memory.
-_GATHER_BUDGET = 1 << 26
+# On CPU the XLA path walks (batch, head) pairs one at a time and queries in chunks of this
+# many, so the gathered [chunk, K, d] block stays in cache: about 4x faster than one big
+# gather there, and memory stays bounded. Other backends get one vmapped gather.
+_CPU_QUERY_CHUNK = 256
 
 
 def _accumulation_dtype(dtype) -> jnp.dtype:
@@ -31,10 +32,18 @@ def _resolve(impl: str) -> str:
     return "xla"
 
 
-def _map_heads(fn, arrays, n: int, k: int, d: int):
-    """Apply `fn` to each (N, ...) slice of the flattened leading axes, in bounded groups."""
-    batch_size = max(1, _GATHER_BUDGET // max(1, n * k * d))
-    return jax.lax.map(fn, arrays, batch_size=batch_size)
+def _per_query(fn, queries, table, idx):
+    """fn(query_row, table_rows_gathered_by_idx_row) over flattened (batch*head, N, ...)."""
+    def one_head(args):
+        qh, th, ih = args
+        rows = lambda qi: fn(qi[0], th[qi[1]])  # noqa: E731
+        if jax.default_backend() == "cpu":
+            return jax.lax.map(rows, (qh, ih), batch_size=_CPU_QUERY_CHUNK)
+        return jax.vmap(rows)((qh, ih))
+
+    if jax.default_backend() == "cpu":
+        return jax.lax.map(one_head, (queries, table, idx))
+    return jax.vmap(one_head)((queries, table, idx))
 
 
 def gather_qk(q: jax.Array, k: jax.Array, idx: jax.Array, impl: str = "auto") -> jax.Array:
@@ -44,14 +53,12 @@ def gather_qk(q: jax.Array, k: jax.Array, idx: jax.Array, impl: str = "auto") ->
     kk = idx.shape[-1]
     acc = _accumulation_dtype(q.dtype)
 
-    def one(args):
-        q1, k1, i1 = args
-        keys = k1[jnp.maximum(i1, 0)]  # (N, K, d)
-        s = jnp.einsum("nd,nkd->nk", q1, keys, preferred_element_type=acc)
-        return jnp.where(i1 < 0, -jnp.inf, s)
+    def row(qi, keys):  # (d,), (K, d)
+        return jnp.einsum("d,kd->k", qi, keys, preferred_element_type=acc)
 
-    flat = (q.reshape(-1, n, d), k.reshape(-1, n, d), idx.reshape(-1, n, kk))
-    return _map_heads(one, flat, n, kk, d).reshape(*lead, n, kk)
+    flat_idx = idx.reshape(-1, n, kk)
+    s = _per_query(row, q.reshape(-1, n, d), k.reshape(-1, n, d), jnp.maximum(flat_idx, 0))
+    return jnp.where(flat_idx < 0, -jnp.inf, s).reshape(*lead, n, kk)
 
 
 def gather_av(a: jax.Array, v: jax.Array, idx: jax.Array, impl: str = "auto") -> jax.Array:
@@ -61,11 +68,10 @@ def gather_av(a: jax.Array, v: jax.Array, idx: jax.Array, impl: str = "auto") ->
     d = v.shape[-1]
     acc = _accumulation_dtype(a.dtype)
 
-    def one(args):
-        a1, v1, i1 = args
-        values = v1[jnp.maximum(i1, 0)]  # (N, K, d)
-        w = jnp.where(i1 < 0, 0, a1).astype(acc)
-        return jnp.einsum("nk,nkd->nd", w, values.astype(acc), preferred_element_type=acc)
+    def row(ai, values):  # (K,), (K, d)
+        return jnp.einsum("k,kd->d", ai, values.astype(acc), preferred_element_type=acc)
 
-    flat = (a.reshape(-1, n, kk), v.reshape(-1, n, d), idx.reshape(-1, n, kk))
-    return _map_heads(one, flat, n, kk, d).reshape(*lead, n, d)
+    flat_idx = idx.reshape(-1, n, kk)
+    weights = jnp.where(flat_idx < 0, 0, a.reshape(-1, n, kk)).astype(acc)
+    out = _per_query(row, weights, v.reshape(-1, n, d), jnp.maximum(flat_idx, 0))
+    return out.reshape(*lead, n, d)

@@ -16,6 +16,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections.abc import Callable
@@ -70,9 +71,6 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001  # torch.serialization.PROTOCOL_VERSION
 _EXPECTED = ("expected torch.save output: a zip archive holding <archive>/data.pkl "
              "(torch >= 1.6) or the legacy pickle format")
-# What a malformed (truncated, corrupt, hand-crafted) file can make the readers raise.
-_PARSE_ERRORS = (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError,
-                 KeyError, IndexError, AttributeError, struct.error)
 
 StorageGetter = Callable[[str, str, int], np.ndarray]
 
@@ -101,7 +99,8 @@ def _strided_view(storage: Any, offset: Any, size: Any, stride: Any) -> np.ndarr
         raise ValueError(f"tensor storage is {type(storage).__name__}, not a storage")
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(type(v) is int and v >= 0 for v in (offset, *size, *stride))):
-        raise ValueError(f"bad tensor geometry: offset {offset!r}, size {size!r}, stride {stride!r}")
+        raise ValueError(
+            f"bad tensor geometry: offset {offset!r}, size {size!r}, stride {stride!r}")
     if 0 not in size:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= storage.size:
@@ -111,6 +110,18 @@ def _strided_view(storage: Any, offset: Any, size: Any, stride: Any) -> np.ndarr
         storage[offset:], shape=size, strides=tuple(s * storage.itemsize for s in stride))
 
 
+def _check_pickle(stream: io.BytesIO, max_memo: int) -> None:
+    """Dry-parse the next pickle in `stream` without running it, then rewind.
+
+    A corrupt length or memo index would otherwise make the C unpickler allocate gigabytes.
+    """
+    start = stream.tell()
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > max_memo:
+            raise ValueError(f"pickle memo index {arg} is out of range")
+    stream.seek(start)
+
+
 class _Unpickler(pickle.Unpickler):
     """Unpickler that resolves only tensor-checkpoint names, to NumPy rebuilders.
 
@@ -118,10 +129,16 @@ class _Unpickler(pickle.Unpickler):
     cannot set attributes on a bound method, so it cannot alter shared module-level functions.
     """
 
-    def __init__(self, file: BinaryIO, path: str, get_storage: StorageGetter) -> None:
-        super().__init__(file)
+    def __init__(self, stream: io.BytesIO, path: str, get_storage: StorageGetter) -> None:
+        super().__init__(stream)
+        self._stream = stream
         self._path = path
         self._get_storage = get_storage
+
+    def load(self) -> Any:
+        """Load the next pickle in the stream, after checking it parses sanely."""
+        _check_pickle(self._stream, max_memo=len(self._stream.getbuffer()))
+        return super().load()
 
     def find_class(self, module: str, name: str) -> Any:
         found = _ALLOWED_GLOBALS.get((module, name))
@@ -132,13 +149,13 @@ class _Unpickler(pickle.Unpickler):
         return getattr(self, found) if isinstance(found, str) else found
 
     def persistent_load(self, pid: Any) -> np.ndarray:
-        # zip: ('storage', type, key, location, numel); legacy adds view_metadata (None since 1.x)
+        # zip: ('storage', type, key, location, numel); legacy adds view_metadata, None nowadays
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
                 and type(pid[4]) is int and pid[4] >= 0):
             raise ValueError(f"unexpected persistent id {pid!r}")
         if len(pid) == 6 and pid[5] is not None:
-            raise ValueError("storage views (torch < 1.0 legacy files) are not supported; "
+            raise ValueError("storage views (very old legacy files) are not supported; "
                              "re-save the checkpoint with a recent torch")
         return self._get_storage(pid[2], pid[1].dtype, pid[4])
 
@@ -156,7 +173,8 @@ class _Unpickler(pickle.Unpickler):
         # Newer dtypes (e.g. uint16) are saved as an untyped byte storage plus a torch dtype.
         if not (isinstance(storage, np.ndarray) and storage.dtype == np.uint8
                 and isinstance(dtype, _TorchDType)):
-            raise ValueError(f"bad _rebuild_tensor_v3 arguments: {type(storage).__name__}, {dtype!r}")
+            raise ValueError(
+                f"bad _rebuild_tensor_v3 arguments: {type(storage).__name__}, {dtype!r}")
         typed = storage.view(_NUMPY_DTYPES[dtype.name])
         return self._rebuild_tensor_v2(typed, storage_offset, size, stride, requires_grad,
                                        backward_hooks, metadata)
@@ -170,9 +188,9 @@ class _Unpickler(pickle.Unpickler):
         return data  # the state is Python attributes set on the Parameter; not tensor data
 
 
-def _load_zip(path: str) -> Any:
+def _load_zip(path: str, f: BinaryIO) -> Any:
     """Read the zip format: `<archive>/data.pkl` plus one raw record per storage."""
-    with zipfile.ZipFile(path) as zf:
+    with zipfile.ZipFile(f) as zf:
         names = set(zf.namelist())
         pkls = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pkls) != 1:
@@ -246,14 +264,14 @@ def load_pth(path: str | os.PathLike[str]) -> dict[str, Any]:
         f.seek(0)
         try:
             if head == b"PK\x03\x04":
-                obj = _load_zip(path)
+                obj = _load_zip(path, f)
             elif head[:1] == b"\x80":  # pickle PROTO opcode: the legacy format
                 obj = _load_legacy(path, f)
             else:
                 raise ValueError(f"file starts with {head!r}")
         except UnsafeCheckpointError:
             raise
-        except _PARSE_ERRORS as e:
+        except Exception as e:  # corrupt input can fail anywhere in zipfile/pickle/numpy
             raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e}); {_EXPECTED}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict at the top level (a state dict or a BasicSR "

@@ -1,0 +1,106 @@
+"""A model on disk: `config.json` (the model config) beside `params/` (an orbax checkpoint).
+
+Written by `python -m iet_jax.convert` and read by everything that needs weights. Keeping the
+config next to the parameters means a checkpoint always says which network it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from iet_jax import config as config_lib
+from iet_jax.model import IET
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def config_from_json(text: str, **overrides: Any) -> ml_collections.ConfigDict:
+    fields = json.loads(text)
+    for key in ("depths", "topk_focus", "topk_prop_1", "topk_prop_2", "topk_prop_3"):
+        if key in fields:
+            fields[key] = tuple(tuple(v) if isinstance(v, list) else v for v in fields[key])
+    return config_lib.model_config(**{**fields, **overrides})
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> IET:
+    """The model with shapes and dtypes only: nothing is initialised or allocated."""
+    return nnx.eval_shape(lambda: IET(config, rngs=nnx.Rngs(0)))
+
+
+def save_model(directory: str | Path, model: IET, metadata: dict | None = None) -> Path:
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS_DIR, params, force=True)
+    config = ml_collections.ConfigDict(model.config.to_dict())
+    (directory / CONFIG_FILE).write_text(config_to_json(config))
+    if metadata is not None:
+        (directory / "source.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    return directory
+
+
+def load_model(directory: str | Path, dtype: str | None = None) -> IET:
+    """Rebuild the model a checkpoint directory describes and fill in its parameters.
+
+    `dtype` ('float32', 'bfloat16', 'float64') overrides the stored compute dtype; parameters
+    are then kept in float32 for bfloat16 and float64 for float64.
+    """
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file() or not (directory / PARAMS_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{directory} is not an iet-jax model checkpoint (expected {CONFIG_FILE} and "
+            f"{PARAMS_DIR}/); official .pth weights convert with python -m iet_jax.convert"
+        )
+    overrides = {} if dtype is None else dtype_fields(dtype)
+    config = config_from_json(config_path.read_text(), **overrides)
+    graphdef, state = nnx.split(abstract_model(config))
+    target = nnx.to_pure_dict(state)
+    with ocp.StandardCheckpointer() as checkpointer:
+        stored = checkpointer.metadata(directory / PARAMS_DIR).item_metadata
+        _check_tree(directory, target, stored)
+        restored = checkpointer.restore(directory / PARAMS_DIR)
+    restored = jax.tree_util.tree_map(
+        lambda ref, value: jnp.asarray(value, ref.dtype), target, restored)
+    state.replace_by_pure_dict(restored)
+    return nnx.merge(graphdef, state)
+
+
+def dtype_fields(dtype: str) -> dict[str, str]:
+    """Config fields for a dtype given by name: bfloat16 computes on float32 parameters."""
+    if dtype not in config_lib.DTYPES:
+        raise ValueError(f"dtype must be one of {config_lib.DTYPES}, got {dtype!r}")
+    return {"dtype": dtype, "param_dtype": "float32" if dtype == "bfloat16" else dtype}
+
+
+def _check_tree(directory: Path, target: dict, stored: Any) -> None:
+    """Refuse a checkpoint whose parameter tree does not fit the config, naming the entries."""
+    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
+            jax.tree_util.tree_leaves_with_path(target)}
+    have = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
+            jax.tree_util.tree_leaves_with_path(stored)}
+    problems = [f"missing {k} {s}" for k, s in want.items() if k not in have]
+    problems += [f"unexpected {k} {s}" for k, s in have.items() if k not in want]
+    problems += [f"{k}: checkpoint {have[k]} vs config {s}" for k, s in want.items()
+                 if k in have and have[k] != s]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"the parameters in {directory} do not fit its {CONFIG_FILE}:\n  {shown}{more}")
