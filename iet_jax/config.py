@@ -165,3 +165,16 @@ def from_options_file(path: str | Path, **overrides: Any) -> ml_collections.Conf
     if not isinstance(options, dict) or "network_g" not in options:
         raise ValueError(f"{path} has no network_g section; is it a BasicSR option file?")
     return from_network_g(options["network_g"], **overrides)
+
+
+def recipe(variant: str, scale: int, settings: str | None = None) -> ml_collections.ConfigDict:
+    """The top-level config of an official recipe: `configs/<name>.py[:train|:eval]`.
+
+    Training fields (data, optimiser, schedule) join `model` as the training loop lands.
+    """
+    settings = settings or "train"
+    config = ml_collections.ConfigDict()
+    config.name = f"{variant}_x{scale}"
+    config.settings = settings
+    config.model = official(variant, scale, settings)
+    return config
