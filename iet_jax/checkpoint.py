@@ -43,7 +43,7 @@ def abstract_model(config: ml_collections.ConfigDict) -> IET:
 def save_model(directory: str | Path, model: IET, metadata: dict | None = None) -> Path:
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = _with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, params, force=True)
     config = ml_collections.ConfigDict(model.config.to_dict())
@@ -73,12 +73,11 @@ def load_model(directory: str | Path, dtype: str | None = None) -> IET:
     graphdef, state = nnx.split(abstract_model(config))
     target = nnx.to_pure_dict(state)
     with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(directory / PARAMS_DIR).item_metadata
-        _check_tree(directory, target, stored)
-        restored = checkpointer.restore(directory / PARAMS_DIR)
+        stored = _with_int_keys(checkpointer.restore(directory / PARAMS_DIR))
+    _check_tree(directory, target, stored)
     restored = jax.tree_util.tree_map(
-        lambda ref, value: jnp.asarray(value, ref.dtype), target, restored)
-    state.replace_by_pure_dict(restored)
+        lambda ref, value: jnp.asarray(value, ref.dtype), target, stored)
+    nnx.replace_by_pure_dict(state, restored)
     return nnx.merge(graphdef, state)
 
 
@@ -91,10 +90,7 @@ def dtype_fields(dtype: str) -> dict[str, str]:
 
 def _check_tree(directory: Path, target: dict, stored: Any) -> None:
     """Refuse a checkpoint whose parameter tree does not fit the config, naming the entries."""
-    want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
-            jax.tree_util.tree_leaves_with_path(target)}
-    have = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in
-            jax.tree_util.tree_leaves_with_path(stored)}
+    want, have = _shapes_by_path(target), _shapes_by_path(stored)
     problems = [f"missing {k} {s}" for k, s in want.items() if k not in have]
     problems += [f"unexpected {k} {s}" for k, s in have.items() if k not in want]
     problems += [f"{k}: checkpoint {have[k]} vs config {s}" for k, s in want.items()
@@ -104,3 +100,24 @@ def _check_tree(directory: Path, target: dict, stored: Any) -> None:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ValueError(
             f"the parameters in {directory} do not fit its {CONFIG_FILE}:\n  {shown}{more}")
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+    """'blocks/0/layers/1/wqkv/kernel' -> shape."""
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _with_str_keys(tree):
+    """Integer keys (nnx.List indices) as strings, the form orbax stores."""
+    if not isinstance(tree, dict):
+        return tree
+    return {str(k): _with_str_keys(v) for k, v in tree.items()}
+
+
+def _with_int_keys(tree):
+    """Undo `_with_str_keys` on a restored nested dict."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _with_int_keys(v)
+            for k, v in tree.items()}

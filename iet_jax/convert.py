@@ -103,18 +103,22 @@ def official_keys(model: IET) -> dict[str, tuple[tuple, _Rule]]:
 def official_shapes(model: IET) -> dict[str, tuple[int, ...]]:
     """The official state dict's keys and shapes for this model (what a .pth must hold)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {key: tuple(rule.official_shape(tuple(_lookup(params, path).shape)))
+    return {key: tuple(rule.official_shape(tuple(param_at(params, path).shape)))
             for key, (path, rule) in official_keys(model).items()}
 
 
-def _lookup(tree, path):
+def param_at(tree, path):
+    """The leaf at `path` (a tuple of keys) of a nested dict of parameters."""
     for p in path:
         tree = tree[p]
     return tree
 
 
 def load_state_dict(model: IET, state_dict: dict[str, np.ndarray]) -> IET:
-    """Fill `model` from an official state dict, in place; every key and parameter must match."""
+    """A copy of `model` (concrete or abstract) holding an official state dict's weights.
+
+    Every official key must be used and every parameter filled, with matching shapes.
+    """
     keys = official_keys(model)
     expected = official_shapes(model)
     missing = sorted(set(keys) - set(state_dict))
@@ -123,15 +127,14 @@ def load_state_dict(model: IET, state_dict: dict[str, np.ndarray]) -> IET:
                    and tuple(np.shape(state_dict[k])) != expected[k])
     if missing or unexpected or wrong:
         raise ValueError(_mismatch_message(model, state_dict, expected, missing, unexpected, wrong))
-    state = nnx.state(model, nnx.Param)
+    graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     for key, (path, rule) in keys.items():
+        parent = param_at(params, path[:-1])
         value = rule.to_ours(np.asarray(state_dict[key]))
-        leaf = _lookup(params, path[:-1])
-        leaf[path[-1]] = jnp.asarray(value, dtype=leaf[path[-1]].dtype)
-    state.replace_by_pure_dict(params)
-    nnx.update(model, state)
-    return model
+        parent[path[-1]] = jnp.asarray(value, dtype=parent[path[-1]].dtype)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def guess_scale(state_dict: dict[str, np.ndarray]) -> int | None:
@@ -173,9 +176,8 @@ def load_official(options: str | Path, checkpoint_path: str | Path,
 def _convert(options, checkpoint_path, dtype):
     config = config_lib.from_options_file(options, **checkpoint.dtype_fields(dtype))
     state_dict, which = pth.select_state_dict(pth.load_pth(checkpoint_path))
-    model = IET(config, rngs=nnx.Rngs(0))
     try:
-        load_state_dict(model, state_dict)
+        model = load_state_dict(checkpoint.abstract_model(config), state_dict)
     except ValueError as e:
         raise ValueError(f"{checkpoint_path} with {options}: {e}") from None
     return model, which

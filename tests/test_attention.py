@@ -1,0 +1,154 @@
+"""Unit tests of the attention's index machinery against independent brute-force oracles."""
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iet_jax import attention as A
+from iet_jax import config as C
+
+
+def natten_window_start(i: int, length: int, kernel: int, dilation: int) -> int:
+    """NATTEN's own window-start rule (its C++ `get_window_start`), transcribed as a formula."""
+    ns = kernel // 2
+    if dilation <= 1:
+        return max(i - ns, 0) + (i + ns >= length) * (length - i - ns - 1)
+    if i - ns * dilation < 0:
+        return i % dilation
+    if i + ns * dilation >= length:
+        imodd = i % dilation
+        a = (length // dilation) * dilation
+        b = length - a
+        return length - b + imodd - 2 * ns * dilation if imodd < b else a + imodd - kernel * dilation
+    return i - ns * dilation
+
+
+def nearest_window(i: int, length: int, kernel: int, dilation: int) -> list[int]:
+    """Among all runs of `kernel` consecutive members of i's sub-grid that contain i, the one
+    whose centre is closest to i (the window 'shifted inward' at borders)."""
+    grid = list(range(i % dilation, length, dilation))
+    runs = [grid[s:s + kernel] for s in range(len(grid) - kernel + 1)]
+    return min((r for r in runs if i in r), key=lambda r: abs(r[kernel // 2] - i))
+
+
+@pytest.mark.parametrize("h,w,kernel,dilation", [
+    (17, 17, 17, 1), (20, 23, 17, 1), (50, 53, 25, 2), (75, 80, 25, 3), (77, 76, 25, 3),
+    (11, 9, 3, 3), (30, 31, 5, 4),
+])
+def test_neighbourhood_matches_natten_and_brute_force(h, w, kernel, dilation):
+    idx = A.neighbourhood(h, w, kernel, dilation)
+    assert idx.shape == (h * w, kernel * kernel) and idx.dtype == np.int32
+    for y, x in itertools.product(range(h), range(w)):
+        ys, xs = nearest_window(y, h, kernel, dilation), nearest_window(x, w, kernel, dilation)
+        assert ys[0] == natten_window_start(y, h, kernel, dilation)
+        assert xs[0] == natten_window_start(x, w, kernel, dilation)
+        expected = [yy * w + xx for yy in ys for xx in xs]  # row-major over the window
+        np.testing.assert_array_equal(idx[y * w + x], expected)
+
+
+def test_neighbourhood_refuses_short_axis():
+    with pytest.raises(ValueError, match="at least 75 tokens"):
+        A.neighbourhood(74, 80, 25, 3)
+
+
+def test_initial_candidates_duplicates_and_interior():
+    h, w = 52, 57
+    init = A.initial_candidates(h, w, 17, 25, 2)
+    dense, sparse = A.neighbourhood(h, w, 17, 1), A.neighbourhood(h, w, 25, 2)
+    np.testing.assert_array_equal(init.idx, np.concatenate([dense, sparse], 1))
+    for n in range(h * w):
+        np.testing.assert_array_equal(init.duplicate[n], np.isin(sparse[n], dense[n]))
+        y, x = divmod(n, w)
+        assert init.interior[n] == (8 <= y < h - 8 and 8 <= x < w - 8)
+    assert init.duplicate.any() and not init.duplicate.all()
+
+
+def reference_merge(idx_row, extra_row, size):
+    """The official merge on one list: sorted unique values (-1 included), first `size`."""
+    values = sorted(set(idx_row.tolist()) | set(extra_row.tolist()))[:size]
+    return values + [-1] * (size - len(values))
+
+
+def test_merge_by_index_deduplicates_and_keeps_one_leading_empty_slot():
+    rng = np.random.default_rng(0)
+    idx = rng.integers(-1, 30, (3, 2, 5, 12)).astype(np.int32)
+    extra = rng.integers(0, 30, (3, 2, 5, 20)).astype(np.int32)
+    idx[0, 0, 0] = -1  # a list that is all empty slots
+    for size in (8, 15, 40):  # 40 > the 32 merged entries: padded with -1
+        got = np.asarray(A.merge_by_index(jnp.asarray(idx), jnp.asarray(extra), size))
+        for pos in np.ndindex(idx.shape[:-1]):
+            assert got[pos].tolist() == reference_merge(idx[pos], extra[pos], size), pos
+
+
+def test_merge_by_rank_keeps_first_occurrence_order():
+    rng = np.random.default_rng(1)
+    idx = rng.integers(-1, 25, (2, 1, 4, 10)).astype(np.int32)
+    extra = rng.integers(0, 25, (2, 1, 4, 16)).astype(np.int32)
+    for size in (6, 18, 30):
+        got = np.asarray(A.merge_by_rank(jnp.asarray(idx), jnp.asarray(extra), size))
+        for pos in np.ndindex(idx.shape[:-1]):
+            seen = []
+            for v in np.concatenate([idx[pos], extra[pos]]).tolist():
+                if v >= 0 and v not in seen:
+                    seen.append(v)
+            assert got[pos].tolist() == (seen + [-1] * size)[:size]
+
+
+def test_propagate_two_hops():
+    rng = np.random.default_rng(2)
+    b, h, n, k = 2, 2, 40, 9
+    idx = np.stack([rng.permutation(n)[:k] for _ in range(b * h * n)]).reshape(b, h, n, k)
+    attn = rng.random((b, h, n, k))
+    k1, k2, k_add = 3, 2, 4
+    got = np.asarray(A.propagate(jnp.asarray(idx, jnp.int32), jnp.asarray(attn), k1, k2, k_add))
+    for bi, hi, i in np.ndindex(b, h, n):
+        def best(token, count):
+            order = np.argsort(-attn[bi, hi, token], kind="stable")[:count]
+            return idx[bi, hi, token][order]
+        hop1 = best(i, k1)
+        hop2 = np.concatenate([best(j, k1)[:k2] for j in hop1])
+        assert got[bi, hi, i].tolist() == reference_merge(idx[bi, hi, i], hop2, k + k_add)
+
+
+def test_similar_tokens_skips_self():
+    idx = jnp.asarray([[[[3, 0, 2], [1, 2, 0], [0, 1, 2], [0, 3, 1]]]], jnp.int32)
+    attn = jnp.asarray([[[[0.5, 0.2, 0.3], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.3, 0.6, 0.1]]]])
+    # token 0 -> 3 (best, not itself); token 1 -> best is itself, so 2; token 2 -> itself, so 0
+    # (ties broken by position); token 3 -> best is itself, so 0.
+    np.testing.assert_array_equal(A.similar_tokens(idx, attn)[0, 0], [3, 2, 0, 0])
+
+
+def official_plan(variant, scale, settings):
+    c = C.official(variant, scale, settings)
+    return A.build_plan(c.topk_focus, c.topk_prop_1, c.topk_prop_2, c.topk_prop_3,
+                        914, (6, 7))
+
+
+def test_plan_classical_train():
+    plan = official_plan("iet", 4, "train")
+    flat = [p for block in plan for p in block]
+    assert [p.on_initial for p in plan[0]] == [True, True, True, False]
+    assert [p.prunes for p in plan[0]] == [False, False, True, False]
+    assert [p.has_rpb for p in plan[0]] == [True, True, True, False]
+    assert not any(p.has_rpb for p in flat[4:])
+    # first layers cascade only after a block without propagation (blocks 5, 6, 7)
+    assert [block[0].cascade for block in plan] == [False] * 5 + [True] * 3
+    assert all(p.cascade for block in plan for p in block[1:])
+    assert [block[-1].propagate for block in plan][:5] == [
+        (22, 12, 120), (20, 10, 100), (14, 7, 60), (12, 6, 40), None]
+    assert plan[1][0].candidates_in == 225 + 120 and not plan[1][0].prunes
+    assert [p.similarity for p in flat] == [p.block in (6, 7) for p in flat]
+
+
+def test_plan_budget_above_candidates_keeps_all():
+    plan = official_plan("iet_light", 2, "eval")  # block 2 asks for 245 of 225 candidates
+    assert plan[2][0].candidates_in == 225 and plan[2][0].keep == 225 and not plan[2][0].prunes
+
+
+def test_plan_refuses_bad_budgets():
+    with pytest.raises(ValueError, match="topk_prop_1"):
+        A.build_plan(((914, 225),), (300,), (2,), (10,), 914, ())
+    with pytest.raises(ValueError, match="entries"):
+        A.build_plan(((914,), (225,)), (2,), (2,), (0,), 914, ())

@@ -1,0 +1,116 @@
+"""Official .pth -> iet-jax: end to end on a tiny official checkpoint written by torch.
+
+fixtures/official_tiny/ holds a tiny IET (official architecture, embed_dim 12) saved by
+torch.save with different `params` and `params_ema`, its option file, and the official
+model's outputs for an astronaut crop (float32 and float64 runs of the PyTorch model).
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from iet_jax import checkpoint, config, convert, pth
+
+TINY = Path(__file__).parent / "fixtures" / "official_tiny"
+OPTIONS = TINY / "tiny_x2.yml"
+WEIGHTS = TINY / "tiny_x2.pth"
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return np.load(TINY / "tiny_x2_expected.npz")
+
+
+def test_load_official_uses_ema_and_matches_official_float32(expected):
+    model = convert.load_official(OPTIONS, WEIGHTS)
+    out = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(expected["input"])))
+    # float32: the official run itself moves by ~3e-5 with thread count and memory layout
+    # (near-ties at the top-k cut), so this bound is looser than the float64 one below.
+    assert np.abs(out - expected["output"]).max() < 2e-4
+
+
+def test_load_official_float64(expected):
+    with jax.enable_x64(True):
+        model = convert.load_official(OPTIONS, WEIGHTS, dtype="float64")
+        out = np.asarray(model(jnp.asarray(expected["input"], jnp.float64)))
+    # The official float64 run kept its float32-rounded RGB mean: about 6e-8 from ours.
+    assert np.abs(out - expected["output_float64"]).max() < 1e-6
+
+
+def test_params_differ_from_ema(expected):
+    state_dict, which = pth.select_state_dict(pth.load_pth(WEIGHTS))
+    assert which == "params_ema"
+    plain = pth.load_pth(WEIGHTS)["params"]
+    model = convert.load_state_dict(
+        checkpoint.abstract_model(config.from_options_file(OPTIONS)), plain)
+    out = np.asarray(model(jnp.asarray(expected["input"])))
+    assert np.abs(out - expected["output"]).max() > 1e-2  # the EMA weights are what matched
+
+
+def test_wrong_scale_checkpoint_is_named():
+    with pytest.raises(ValueError) as error:
+        convert.load_official(OPTIONS, TINY / "tiny_x4_light.pth")
+    message = str(error.value)
+    assert "upsample.0.weight" in message and "(48, 12, 3, 3)" in message
+    assert "x4 model but the config is x2" in message
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    state_dict, _ = pth.select_state_dict(pth.load_pth(WEIGHTS))
+    state_dict = dict(state_dict)
+    state_dict.pop("norm.weight")
+    state_dict["extra.weight"] = np.zeros(3)
+    model = checkpoint.abstract_model(config.from_options_file(OPTIONS))
+    with pytest.raises(ValueError, match=r"missing    norm.weight \(12,\)[\s\S]*unexpected extra"):
+        convert.load_state_dict(model, state_dict)
+
+
+def test_cli_writes_a_checkpoint_that_loads_back(tmp_path, expected, capsys):
+    out_dir = tmp_path / "tiny"
+    convert.main(["--official-options", str(OPTIONS), "--checkpoint", str(WEIGHTS),
+                  "--output", str(out_dir)])
+    assert "params_ema" in capsys.readouterr().out
+    source = json.loads((out_dir / "source.json").read_text())
+    assert source["state_dict_key"] == "params_ema" and len(source["checkpoint_sha256"]) == 64
+    restored = checkpoint.load_model(out_dir)
+    direct = convert.load_official(OPTIONS, WEIGHTS)
+    x = jnp.asarray(expected["input"])
+    np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(direct(x)))
+    assert restored.config.to_dict() == direct.config.to_dict()
+
+
+def test_checkpoint_that_does_not_fit_its_config(tmp_path):
+    out_dir = tmp_path / "tiny"
+    convert.main(["--official-options", str(OPTIONS), "--checkpoint", str(WEIGHTS),
+                  "--output", str(out_dir)])
+    cfg = json.loads((out_dir / checkpoint.CONFIG_FILE).read_text())
+    cfg["scale"] = 3
+    (out_dir / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"do not fit its config.json[\s\S]*upsample"):
+        checkpoint.load_model(out_dir)
+
+
+def test_missing_inputs_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an iet-jax model checkpoint"):
+        checkpoint.load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+        checkpoint.load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="option file not found"):
+        convert.load_official(tmp_path / "nope.yml", WEIGHTS)
+    with pytest.raises(SystemExit):
+        convert.main(["--official-options", str(OPTIONS), "--checkpoint",
+                      str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o")])
+
+
+def test_options_without_network_g(tmp_path):
+    bad = tmp_path / "bad.yml"
+    shutil.copy(OPTIONS, bad)
+    bad.write_text("name: x\nscale: 2\n")
+    with pytest.raises(ValueError, match="no network_g section"):
+        config.from_options_file(bad)
