@@ -155,7 +155,7 @@ class IETLayer(nnx.Module):
             self.ffn = ConvFFN(dim, hidden, kernel, make)
 
     def _heads(self, t: jax.Array) -> jax.Array:
-        """(B,H,W,c) -> (B, heads, N, c/heads) in the attention's dtype."""
+        """(B,H,W,c) -> (B, heads, N, c/heads)."""
         b, h, w, c = t.shape
         return t.reshape(b, h * w, self.heads, c // self.heads).transpose(0, 2, 1, 3)
 
@@ -165,10 +165,12 @@ class IETLayer(nnx.Module):
         qkv = self.wqkv(self.norm1(x))
         q, k, v = jnp.split(qkv, 3, axis=-1)
         lepe = self.lepe(v)
-        work = jnp.float64 if qkv.dtype == jnp.float64 else jnp.float32
+        # Softmax, cascade and top-k run in float32 (float64 under x64) whatever the compute
+        # dtype: bfloat16 scores would reorder candidates far more than the network can bear.
+        attn_dtype = jnp.float64 if qkv.dtype == jnp.float64 else jnp.float32
         q = self._heads(q) * self.scale
         out, state = attention.attend(
-            q, self._heads(k), self._heads(v).astype(work), state, self.plan, initial,
+            q, self._heads(k), self._heads(v).astype(attn_dtype), state, self.plan, initial,
             None if self.rpb is None else self.rpb[...], self.gather_impl,
         )
         out = out.transpose(0, 2, 1, 3).reshape(b, h, w, self.attn_dim).astype(x.dtype)

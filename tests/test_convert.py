@@ -27,9 +27,15 @@ def expected():
     return np.load(TINY / "tiny_x2_expected.npz")
 
 
+@nnx.jit
+def forward(model, x):
+    """One compiled forward shared by the tests (models of one config reuse it)."""
+    return model(x)
+
+
 def test_load_official_uses_ema_and_matches_official_float32(expected):
     model = convert.load_official(OPTIONS, WEIGHTS)
-    out = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(expected["input"])))
+    out = np.asarray(forward(model, jnp.asarray(expected["input"])))
     # float32: the official run itself moves by ~3e-5 with thread count and memory layout
     # (near-ties at the top-k cut), so this bound is looser than the float64 one below.
     assert np.abs(out - expected["output"]).max() < 2e-4
@@ -38,7 +44,7 @@ def test_load_official_uses_ema_and_matches_official_float32(expected):
 def test_load_official_float64(expected):
     with jax.enable_x64(True):
         model = convert.load_official(OPTIONS, WEIGHTS, dtype="float64")
-        out = np.asarray(model(jnp.asarray(expected["input"], jnp.float64)))
+        out = np.asarray(forward(model, jnp.asarray(expected["input"], jnp.float64)))
     # The official float64 run kept its float32-rounded RGB mean: about 6e-8 from ours.
     assert np.abs(out - expected["output_float64"]).max() < 1e-6
 
@@ -49,7 +55,7 @@ def test_params_differ_from_ema(expected):
     plain = pth.load_pth(WEIGHTS)["params"]
     model = convert.load_state_dict(
         checkpoint.abstract_model(config.from_options_file(OPTIONS)), plain)
-    out = np.asarray(model(jnp.asarray(expected["input"])))
+    out = np.asarray(forward(model, jnp.asarray(expected["input"])))
     assert np.abs(out - expected["output"]).max() > 1e-2  # the EMA weights are what matched
 
 
@@ -81,7 +87,7 @@ def test_cli_writes_a_checkpoint_that_loads_back(tmp_path, expected, capsys):
     restored = checkpoint.load_model(out_dir)
     direct = convert.load_official(OPTIONS, WEIGHTS)
     x = jnp.asarray(expected["input"])
-    np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(direct(x)))
+    np.testing.assert_array_equal(np.asarray(forward(restored, x)), np.asarray(forward(direct, x)))
     assert restored.config.to_dict() == direct.config.to_dict()
 
 
