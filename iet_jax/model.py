@@ -165,8 +165,8 @@ class IETLayer(nnx.Module):
         qkv = self.wqkv(self.norm1(x))
         q, k, v = jnp.split(qkv, 3, axis=-1)
         lepe = self.lepe(v)
-        # Softmax, cascade and top-k run in float32 (float64 under x64) whatever the compute
-        # dtype: bfloat16 scores would reorder candidates far more than the network can bear.
+        # Scores, softmax, cascade and top-k stay in float32 (float64 under x64) whatever the
+        # compute dtype, so bfloat16 changes the inputs of candidate selection, not its math.
         attn_dtype = jnp.float64 if qkv.dtype == jnp.float64 else jnp.float32
         q = self._heads(q) * self.scale
         out, state = attention.attend(
