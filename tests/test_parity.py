@@ -89,7 +89,9 @@ def test_gradient_parity(name):
         ref = rule.to_ours(data[f"grad:{key}"])
         ours = np.asarray(convert.param_at(grads, path))
         scale = np.abs(ref).max()
-        assert scale > 0, f"official gradient of {key} is zero: the fixture tests nothing there"
+        if scale == 0:  # a parameter the official forward does not use: ours must agree
+            np.testing.assert_array_equal(ours, 0, err_msg=key)
+            continue
         relative = np.abs(ours - ref).max() / scale
         worst = max(worst, relative)
         assert relative <= TOLERANCE, f"{key}: relative gradient error {relative:.2e}"
