@@ -1,0 +1,334 @@
+"""Dataset builders: every accepted folder layout, DIV2K zips, the demo, bad data.
+
+All data is generated here (tiny images), no network. Building must not need TensorFlow.
+"""
+
+import json
+import struct
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iet_jax import imresize
+from iet_jax.datasets import (BadImageError, DatasetNotBuiltError, build_command,
+                              default_data_dir, open_source)
+from iet_jax.datasets import build as build_mod
+from iet_jax.datasets import builders, images
+
+
+def smooth_image(rng, h, w, channels=3):
+    """A random but natural-ish image (smooth noise), uint8."""
+    small = rng.random((max(2, h // 4), max(2, w // 4), channels))
+    img = imresize.imresize(small, output_shape=(h, w))
+    img = (img - img.min()) / (np.ptp(img) + 1e-9)
+    return np.round(img * 255).astype(np.uint8)
+
+
+def save(path, arr, **kw):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, **kw)
+    return path
+
+
+def write_png16_rgb(path, arr16):
+    """A 16-bit RGB PNG (Pillow cannot write one), built chunk by chunk."""
+    h, w, _ = arr16.shape
+    raw = b"".join(b"\x00" + arr16[i].astype(">u2").tobytes() for i in range(h))
+
+    def chunk(tag, data):
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def check_pairs(src, scale, generated=True):
+    for i in range(len(src)):
+        ex = src[i]
+        hr, lr = ex["hr"], ex["lr"]
+        assert hr.dtype == np.uint8 and lr.dtype == np.uint8
+        assert hr.ndim == 3 and hr.shape[2] == 3
+        assert hr.shape[:2] == (lr.shape[0] * scale, lr.shape[1] * scale)
+        assert isinstance(ex["name"], str)
+        if generated:
+            np.testing.assert_array_equal(lr, imresize.downscale(hr, scale))
+
+
+def build(dataset, scale, data_dir, **kw):
+    kw.setdefault("num_workers", 2)
+    kw.setdefault("verbose", False)
+    return build_mod.build(dataset, scale, data_dir=data_dir, **kw)
+
+
+# ------------------------------------------------------------------ basics
+
+
+def test_not_built_error_is_the_build_command(tmp_path, monkeypatch):
+    with pytest.raises(DatasetNotBuiltError) as e:
+        open_source("demo", "train", 4, data_dir=tmp_path)
+    assert isinstance(e.value, FileNotFoundError)
+    assert str(e.value) == f"python -m iet_jax.datasets.build --dataset demo --scale 4 --data-dir {tmp_path}"
+    with pytest.raises(DatasetNotBuiltError, match="--dataset benchmark --name set14 --scale 3"):
+        open_source("set14", None, 3, data_dir=tmp_path)
+    assert "--hr-dir" in build_command("df2k", 2, tmp_path)
+    assert "--dataset div2k" in build_command("div2k", 2, tmp_path)
+    monkeypatch.setenv("IET_DATA_DIR", str(tmp_path / "x"))
+    assert default_data_dir() == tmp_path / "x"
+    monkeypatch.delenv("IET_DATA_DIR")
+    assert default_data_dir() == Path("~/tensorflow_datasets").expanduser()
+
+
+def test_demo_builds_without_tensorflow(tmp_path, capsys):
+    out = build("demo", 4, tmp_path)
+    assert out == tmp_path / "iet_demo" / "x4" / "1.0.0"
+    assert "tensorflow" not in sys.modules  # neither building nor reading imports TF
+    train = open_source("demo", "train", 4, data_dir=tmp_path)
+    val = open_source("demo", "validation", 4, data_dir=tmp_path)
+    assert len(train) == len(builders.DEMO_TRAIN) and len(val) == len(builders.DEMO_VALIDATION)
+    assert {train[i]["name"] for i in range(len(train))} == set(builders.DEMO_TRAIN)
+    check_pairs(val, 4)
+    ex = train[0]
+    assert ex["name"] == "astronaut" and ex["hr"].shape == (512, 512, 3)
+    assert train.lr_sizes()[0] == (128, 128)
+    with pytest.raises(ValueError, match="no split 'test'"):
+        open_source("demo", "test", 4, data_dir=tmp_path)
+    assert "tensorflow" not in sys.modules
+
+
+# ------------------------------------------------------------------ folders
+
+
+def test_paired_folder_hr_only_and_df2k(tmp_path):
+    rng = np.random.default_rng(0)
+    div = tmp_path / "DIV2K_train_HR"
+    fl = tmp_path / "Flickr2K_HR"
+    save(div / "0001.png", smooth_image(rng, 37, 50))      # not a multiple of 3
+    save(div / "0002.png", smooth_image(rng, 30, 24))
+    save(fl / "000001.png", smooth_image(rng, 25, 31))
+    build("paired", 3, tmp_path / "data", name="df2k", hr_dirs=[div, fl])
+    src = open_source("df2k", "train", 3, data_dir=tmp_path / "data")
+    assert [src[i]["name"] for i in range(3)] == ["0001", "0002", "000001"]
+    check_pairs(src, 3)
+    assert src[0]["hr"].shape == (36, 48, 3)            # cropped to a multiple of 3
+    np.testing.assert_array_equal(src[0]["hr"], np.asarray(Image.open(div / "0001.png"))[:36, :48])
+
+
+def test_paired_folder_with_lr_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    hr_dir, lr_dir = tmp_path / "HR", tmp_path / "LR" / "X2"
+    for i in range(3):
+        hr = smooth_image(rng, 21 + i, 30)                # odd heights: HR exceeds LR*2 by 1
+        save(hr_dir / f"{i:04d}.png", hr)
+        lr = imresize.downscale(imresize.mod_crop(hr, 2), 2)
+        save(lr_dir / f"{i:04d}x2.png", lr)              # DIV2K naming
+    build_mod.main(["--dataset", "paired", "--name", "mine", "--scale", "2", "--hr-dir",
+                    str(hr_dir), "--lr-dir", str(lr_dir), "--data-dir", str(tmp_path / "d"),
+                    "--num-workers", "1"])
+    src = open_source("mine", "train", 2, data_dir=tmp_path / "d")
+    assert len(src) == 3
+    check_pairs(src, 2)
+
+
+def test_paired_folder_missing_lr_is_an_error(tmp_path):
+    rng = np.random.default_rng(2)
+    save(tmp_path / "HR" / "a.png", smooth_image(rng, 16, 16))
+    (tmp_path / "LR").mkdir()
+    save(tmp_path / "LR" / "b.png", smooth_image(rng, 8, 8))
+    with pytest.raises(FileNotFoundError, match="no LR image for .*a.png"):
+        build("paired", 2, tmp_path / "d", name="x", hr_dirs=[tmp_path / "HR"],
+              lr_dirs=[tmp_path / "LR"])
+
+
+# ------------------------------------------------------------------ benchmarks
+
+
+def _bench_images(rng, n=2):
+    return {f"img{i}": smooth_image(rng, 26 + 3 * i, 33) for i in range(n)}
+
+
+def make_layout(root, layout, scale, rng):
+    """Writes one benchmark in a given layout; returns the HR images written."""
+    imgs = _bench_images(rng)
+    for name, hr in imgs.items():
+        lr = imresize.downscale(imresize.mod_crop(hr, scale), scale)
+        if layout == "edsr":          # benchmark/Set5/HR/x.png + LR_bicubic/X4/xx4.png
+            save(root / "HR" / f"{name}.png", hr)
+            save(root / "LR_bicubic" / f"X{scale}" / f"{name}x{scale}.png", lr)
+        elif layout == "basicsr":     # Set5/GTmod12/x.png + LRbicx4/x.png
+            save(root / "GTmod12" / f"{name}.png", imresize.mod_crop(hr, 12))
+            save(root / f"LRbicx{scale}" / f"{name}.png",
+                 imresize.downscale(imresize.mod_crop(hr, 12), scale))
+        elif layout == "srf":         # image_SRF_4/img_001_SRF_4_HR.png + _LR.png
+            save(root / f"image_SRF_{scale}" / f"{name}_SRF_{scale}_HR.png",
+                 imresize.mod_crop(hr, scale))
+            save(root / f"image_SRF_{scale}" / f"{name}_SRF_{scale}_LR.png", lr)
+        elif layout == "hr_only":
+            save(root / "HR" / f"{name}.png", hr)
+        elif layout == "flat":
+            save(root / f"{name}.png", hr)
+    return imgs
+
+
+@pytest.mark.parametrize("layout", ["edsr", "basicsr", "srf", "hr_only", "flat"])
+def test_benchmark_layouts(tmp_path, layout):
+    rng = np.random.default_rng(3)
+    scale = 4
+    imgs = make_layout(tmp_path / "benchmark" / "Set5", layout, scale, rng)
+    build("benchmark", scale, tmp_path / "d", name="set5", manual_dir=tmp_path / "benchmark")
+    src = open_source("set5", None, scale, data_dir=tmp_path / "d")
+    assert len(src) == 2
+    assert [src[i]["name"] for i in range(2)] == sorted(imgs)
+    check_pairs(src, scale)
+    for i, name in enumerate(sorted(imgs)):
+        crop = 12 if layout == "basicsr" else scale
+        np.testing.assert_array_equal(src[i]["hr"], imresize.mod_crop(imgs[name], crop))
+
+
+def test_benchmark_alias_and_manual_dir_is_the_folder(tmp_path):
+    rng = np.random.default_rng(4)
+    make_layout(tmp_path / "BSD100", "edsr", 2, rng)
+    build("benchmark", 2, tmp_path / "d", name="b100", manual_dir=tmp_path)  # parent
+    assert len(open_source("b100", "test", 2, data_dir=tmp_path / "d")) == 2
+    make_layout(tmp_path / "u", "srf", 3, rng)
+    build("benchmark", 3, tmp_path / "d", name="urban100", manual_dir=tmp_path / "u")
+    assert len(open_source("urban100", "test", 3, data_dir=tmp_path / "d")) == 2
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        build("benchmark", 2, tmp_path / "d", name="set6", manual_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ DIV2K
+
+
+def test_div2k_from_zips(tmp_path):
+    rng = np.random.default_rng(5)
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    scale = 2
+    for tag, ids in (("train", ["0001", "0002"]), ("valid", ["0801"])):
+        with zipfile.ZipFile(manual / f"DIV2K_{tag}_HR.zip", "w") as zh, \
+                zipfile.ZipFile(manual / f"DIV2K_{tag}_LR_bicubic_X{scale}.zip", "w") as zl:
+            for i in ids:
+                hr = smooth_image(rng, 20, 28)
+                lr = imresize.downscale(hr, scale)
+                zh.writestr(f"DIV2K_{tag}_HR/{i}.png", images.encode_png(hr))
+                zl.writestr(f"DIV2K_{tag}_LR_bicubic/X{scale}/{i}x{scale}.png",
+                            images.encode_png(lr))
+    build("div2k", scale, tmp_path / "d", manual_dir=manual)
+    train = open_source("div2k", "train", scale, data_dir=tmp_path / "d")
+    val = open_source("div2k", "validation", scale, data_dir=tmp_path / "d")
+    assert [train[i]["name"] for i in range(2)] == ["0001", "0002"] and len(val) == 1
+    check_pairs(train, scale)
+    with pytest.raises(FileNotFoundError, match="DIV2K_train_HR.zip"):
+        build("div2k", scale, tmp_path / "d2", manual_dir=tmp_path)
+
+
+# ------------------------------------------------------------------ bad data
+
+
+def test_image_reader_conversions_and_refusals(tmp_path):
+    rng = np.random.default_rng(6)
+    rgb = smooth_image(rng, 12, 10)
+    gray = rgb[..., 0]
+    np.testing.assert_array_equal(images.load_rgb(save(tmp_path / "g.png", gray)),
+                                  np.repeat(gray[..., None], 3, 2))
+    rgba = np.concatenate([rgb, np.full((12, 10, 1), 7, np.uint8)], 2)
+    np.testing.assert_array_equal(images.load_rgb(save(tmp_path / "a.png", rgba)), rgb)
+    la = np.stack([gray, gray], -1)
+    np.testing.assert_array_equal(images.load_rgb(save(tmp_path / "la.png", la)),
+                                  np.repeat(gray[..., None], 3, 2))
+    pal = Image.fromarray(rgb).convert("P")
+    pal.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(images.load_rgb(tmp_path / "p.png"),
+                                  np.asarray(pal.convert("RGB")))
+    with pytest.raises(BadImageError, match="16-bit PNG"):
+        images.load_rgb(write_png16_rgb(tmp_path / "d16.png",
+                                        rng.integers(0, 65535, (4, 5, 3))))
+    with pytest.raises(BadImageError, match="16-bit PNG"):
+        images.load_rgb(save(tmp_path / "g16.png", (gray.astype(np.uint16) * 257)))
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    with pytest.raises(BadImageError, match="junk.png"):
+        images.load_rgb(tmp_path / "junk.png")
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadImageError, match="trunc.png.*(corrupt|truncated)"):
+        images.load_rgb(tmp_path / "trunc.png")
+    save(tmp_path / "j.jpg", rgb, quality=95)
+    jdata = (tmp_path / "j.jpg").read_bytes()
+    (tmp_path / "tj.jpg").write_bytes(jdata[: len(jdata) // 2])
+    with pytest.raises(BadImageError, match="tj.jpg"):
+        images.load_rgb(tmp_path / "tj.jpg")
+
+
+def _bad_folder(tmp_path, rng):
+    hr, lr = tmp_path / "HR", tmp_path / "LR"
+    good = {}
+    for name in ("good1", "good2"):
+        good[name] = smooth_image(rng, 16, 20)
+        save(hr / f"{name}.png", good[name])
+        save(lr / f"{name}.png", imresize.downscale(good[name], 4))
+    # grayscale and RGBA are converted, not bad
+    g = smooth_image(rng, 16, 16, 1)[..., 0]
+    save(hr / "gray.png", g)
+    save(lr / "gray.png", imresize.downscale(g, 4))
+    rgba = np.concatenate([smooth_image(rng, 16, 16), np.full((16, 16, 1), 255, np.uint8)], 2)
+    save(hr / "rgba.png", rgba)
+    save(lr / "rgba.png", imresize.downscale(rgba[..., :3], 4))
+    # bad ones
+    (hr / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    save(lr / "corrupt.png", np.zeros((4, 4, 3), np.uint8))
+    data = (hr / "good1.png").read_bytes()
+    (hr / "trunc.png").write_bytes(data[:60])
+    save(lr / "trunc.png", np.zeros((4, 5, 3), np.uint8))
+    write_png16_rgb(hr / "deep.png", rng.integers(0, 65535, (16, 16, 3)))
+    save(lr / "deep.png", np.zeros((4, 4, 3), np.uint8))
+    save(hr / "mismatch.png", smooth_image(rng, 16, 16))
+    save(lr / "mismatch.png", np.zeros((5, 4, 3), np.uint8))   # not 16/4
+    return hr, lr, good
+
+
+def test_bad_data_fails_naming_the_file(tmp_path):
+    hr, lr, _ = _bad_folder(tmp_path, np.random.default_rng(7))
+    with pytest.raises(BadImageError) as e:
+        build("paired", 4, tmp_path / "d", name="bad", hr_dirs=[hr], lr_dirs=[lr])
+    assert "corrupt.png" in str(e.value) and "--skip-bad" in str(e.value)
+    # each bad case alone gives its own message
+    cases = {"trunc": "truncated|corrupt", "deep": "16-bit", "mismatch": "does not match HR"}
+    for name, msg in cases.items():
+        item = builders.Item(name, builders.Source.file(hr / f"{name}.png"),
+                             builders.Source.file(lr / f"{name}.png"))
+        with pytest.raises(BadImageError, match=msg) as e:
+            builders.make_pair(item, 4)
+        assert f"{name}.png" in str(e.value)
+    tiny = builders.Item("t", builders.Source.array("tiny", lambda: np.zeros((3, 9, 3), np.uint8)))
+    with pytest.raises(BadImageError, match="smaller than the scale"):
+        builders.make_pair(tiny, 4)
+
+
+def test_bad_data_skipped_and_counted(tmp_path, capsys):
+    hr, lr, good = _bad_folder(tmp_path, np.random.default_rng(8))
+    build_mod.main(["--dataset", "paired", "--name", "bad", "--scale", "4", "--hr-dir", str(hr),
+                    "--lr-dir", str(lr), "--data-dir", str(tmp_path / "d"), "--skip-bad",
+                    "--num-workers", "2"])
+    printed = capsys.readouterr().out
+    assert "skipped 4 bad image(s)" in printed
+    src = open_source("bad", "train", 4, data_dir=tmp_path / "d")
+    names = sorted(src[i]["name"] for i in range(len(src)))
+    assert names == ["good1", "good2", "gray", "rgba"]
+    ex = {src[i]["name"]: src[i] for i in range(len(src))}
+    np.testing.assert_array_equal(ex["good1"]["hr"], good["good1"])
+    g = ex["gray"]["hr"]
+    assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+    md = json.loads((tmp_path / "d" / "iet_bad" / "x4" / "1.0.0" / "metadata.json").read_text())
+    assert md["num_skipped"] == {"train": 4}
+    assert sorted(d["name"] for d in md["skipped"]["train"]) == ["corrupt", "deep", "mismatch",
+                                                                 "trunc"]
+    assert "Skipped 4 bad image(s)" in src.description and "deep.png" in src.description
