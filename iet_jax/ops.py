@@ -3,18 +3,51 @@
 `gather_qk(q, k, idx)` scores each query against its own candidate list and
 `gather_av(a, v, idx)` aggregates values over it. Everything else in the attention
 (softmax, cascade, top-k, propagation) is plain JAX between these two calls, so a faster
-kernel (Pallas on GPU, issue #3) can replace them without touching the model.
+kernel can replace them without touching the model.
 
 Shapes: q, k, v are (..., N, d); idx and a are (..., N, K) with int32 token indices into N,
 -1 marking an empty slot (score -inf, no contribution).
+
+Both ops have a hand-written backward (`jax.custom_vjp`) built from three primitives that
+every implementation provides:
+
+    qk(x, y, idx)[i, t]   = x[i] . y[idx[i, t]]                  (0 where idx < 0)
+    av(w, y, idx)[i]      = sum_t w[i, t] * y[idx[i, t]]         (skips idx < 0)
+    scatter(w, x, idx)[j] = sum over (i, t) with idx[i, t] = j of w[i, t] * x[i]
+
+    gather_qk: dq = av(g, k, idx),    dk = scatter(g, q, idx)
+    gather_av: da = qk(g, v, idx),    dv = scatter(a, g, idx)
+
+so the backward never differentiates through a gather (autodiff of the XLA gather would keep
+the gathered (N, K, d) blocks of every layer alive, tens of GB for one training step).
+
+Implementations (`impl`): "xla" (take_along_axis + einsum, the reference, CPU/TPU path),
+"pallas" (Triton kernels of `iet_jax.pallas_gather`; interpreted on a CPU, which is how the
+tests run them) and "auto" (pallas on GPU, xla elsewhere). `deterministic=True` selects a
+backward whose scatter sums in a fixed order (same bits every run) instead of atomic adds;
+it matters only for pallas on GPU (the XLA scatter on CPU is sequential already).
+
+Under a mesh (`jax.set_mesh`) the Pallas primitives run inside `jax.shard_map`, split along
+the leading (batch) axis over the mesh axes named in `BATCH_AXES`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import warnings
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ("auto", "xla")
+from iet_jax import pallas_gather
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+# Mesh axes the leading (batch) axis of the attention arrays is split over inside
+# `jax.shard_map` (those of them that the current mesh has, while their size divides it).
+BATCH_AXES = ("data", "fsdp")
 
 # On CPU the XLA path walks (batch, head) pairs one at a time and queries in chunks of this
 # many, so the gathered [chunk, K, d] block stays in cache: about 4x faster than one big
@@ -22,56 +55,204 @@ IMPLEMENTATIONS = ("auto", "xla")
 _CPU_QUERY_CHUNK = 256
 
 
-def _accumulation_dtype(dtype) -> jnp.dtype:
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float64 stays float64; everything else (float32, bfloat16) accumulates in float32."""
+    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def _resolve(impl: str) -> str:
+def resolve(impl: str, deterministic: bool = False) -> str:
+    """The key in `_PRIMITIVES` that `impl` stands for on the current backend."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"gather implementation {impl!r} is not one of {IMPLEMENTATIONS}")
-    return "xla"
+    if impl == "auto":
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if impl == "pallas":
+        return "pallas_deterministic" if deterministic else "pallas"
+    if deterministic and jax.default_backend() == "gpu":
+        warnings.warn("gather_impl='xla' with deterministic=True: XLA's GPU scatter-add uses "
+                      "atomics unless XLA_FLAGS has --xla_gpu_deterministic_ops=true; "
+                      "gather_impl='pallas' has a deterministic backward", stacklevel=3)
+    return impl
+
+
+# ----------------------------------------------------------------------------- XLA primitives
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
 
 
 def _per_query(fn, queries, table, idx):
-    """fn(query_row, table_rows_gathered_by_idx_row) over flattened (batch*head, N, ...)."""
+    """fn(query_row, table_rows_gathered_by_idx_row) over (heads, N, ...), -> (heads, N, ...)."""
     def one_head(args):
         qh, th, ih = args
         rows = lambda qi: fn(qi[0], th[qi[1]])  # noqa: E731
-        if jax.default_backend() == "cpu":
+        if _on_cpu():
             return jax.lax.map(rows, (qh, ih), batch_size=_CPU_QUERY_CHUNK)
         return jax.vmap(rows)((qh, ih))
 
-    if jax.default_backend() == "cpu":
+    if _on_cpu():
         return jax.lax.map(one_head, (queries, table, idx))
     return jax.vmap(one_head)((queries, table, idx))
 
 
-def gather_qk(q: jax.Array, k: jax.Array, idx: jax.Array, impl: str = "auto") -> jax.Array:
-    """scores[..., i, t] = q[..., i, :] . k[..., idx[..., i, t], :]; -inf where idx < 0."""
-    _resolve(impl)
-    *lead, n, d = q.shape
-    kk = idx.shape[-1]
-    acc = _accumulation_dtype(q.dtype)
+def _xla_qk(x, y, idx):
+    """(H, N, d), (H, N, d), (H, N, K) -> (H, N, K) in the accumulation dtype, 0 at idx < 0."""
+    acc = accumulation_dtype(x.dtype)
 
-    def row(qi, keys):  # (d,), (K, d)
-        return jnp.einsum("d,kd->k", qi, keys, preferred_element_type=acc)
+    def row(xi, rows):  # (d,), (K, d)
+        return jnp.einsum("d,kd->k", xi, rows, preferred_element_type=acc)
 
-    flat_idx = idx.reshape(-1, n, kk)
-    s = _per_query(row, q.reshape(-1, n, d), k.reshape(-1, n, d), jnp.maximum(flat_idx, 0))
-    return jnp.where(flat_idx < 0, -jnp.inf, s).reshape(*lead, n, kk)
+    s = _per_query(row, x, y, jnp.maximum(idx, 0))
+    return jnp.where(idx < 0, 0, s)
 
 
-def gather_av(a: jax.Array, v: jax.Array, idx: jax.Array, impl: str = "auto") -> jax.Array:
+def _xla_av(w, y, idx):
+    """(H, N, K), (H, N, d), (H, N, K) -> (H, N, d) in the accumulation dtype."""
+    acc = accumulation_dtype(jnp.promote_types(w.dtype, y.dtype))
+
+    def row(wi, rows):  # (K,), (K, d)
+        return jnp.einsum("k,kd->d", wi, rows.astype(acc), preferred_element_type=acc)
+
+    weights = jnp.where(idx < 0, 0, w).astype(acc)
+    return _per_query(row, weights, y, jnp.maximum(idx, 0))
+
+
+def _xla_scatter(w, x, idx):
+    """(H, N, K), (H, N, d), (H, N, K) -> (H, N, d): out[j] += w[i, t] * x[i] at j = idx[i, t].
+
+    Queries are added in chunks so only a (chunk, K, d) block exists at a time.
+    """
+    acc = accumulation_dtype(jnp.promote_types(w.dtype, x.dtype))
+    heads, n, kk = idx.shape
+    d = x.shape[-1]
+    chunk = min(_CPU_QUERY_CHUNK, n) if _on_cpu() else n
+    pad = -n % chunk
+    # Empty slots point past the end, where mode="drop" discards them.
+    idx = jnp.where(idx < 0, n, idx)
+    if pad:
+        idx = jnp.pad(idx, ((0, 0), (0, pad), (0, 0)), constant_values=n)
+        w = jnp.pad(w, ((0, 0), (0, pad), (0, 0)))
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+    steps = (n + pad) // chunk
+
+    def one_head(args):
+        wh, xh, ih = args
+        wh = wh.reshape(steps, chunk, kk).astype(acc)
+        xh = xh.reshape(steps, chunk, d).astype(acc)
+        ih = ih.reshape(steps, chunk, kk)
+
+        def add_chunk(out, part):
+            wc, xc, ic = part
+            return out.at[ic].add(wc[..., None] * xc[:, None, :], mode="drop"), None
+
+        out, _ = jax.lax.scan(add_chunk, jnp.zeros((n, d), acc), (wh, xh, ih))
+        return out
+
+    if _on_cpu():
+        return jax.lax.map(one_head, (w, x, idx))
+    return jax.vmap(one_head)((w, x, idx))
+
+
+_PRIMITIVES = {"xla": (_xla_qk, _xla_av, _xla_scatter)}
+
+# ----------------------------------------------------------------------------- Pallas primitives
+
+_PRIMITIVES["pallas"] = (pallas_gather.qk, pallas_gather.av, pallas_gather.scatter)
+_PRIMITIVES["pallas_deterministic"] = (
+    pallas_gather.qk, pallas_gather.av, pallas_gather.scatter_deterministic)
+_SHARD_MAPPED = ("pallas", "pallas_deterministic")  # a pallas_call must sit in a shard_map
+
+
+def _batch_spec(impl: str, x: jax.Array) -> PartitionSpec | None:
+    """How `_apply` splits its arrays' leading axis over the current mesh (None: no shard_map)."""
+    if impl not in _SHARD_MAPPED:
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.manual_axes:  # no mesh, or already inside a shard_map
+        return None
+    axes = [a for a in BATCH_AXES if a in mesh.axis_names]
+    while axes and (x.ndim < 3 or x.shape[0] % math.prod(mesh.shape[a] for a in axes)):
+        axes.pop()
+    return PartitionSpec(tuple(axes)) if axes else PartitionSpec()
+
+
+def _apply(impl: str, which: int, x: jax.Array, y: jax.Array, idx: jax.Array) -> jax.Array:
+    """Primitive `which` (0 qk, 1 av, 2 scatter) of `impl` on unflattened (..., N, .) arrays.
+
+    Returns idx.shape[:-1] + (the primitive's last axis,).
+    """
+    primitive = _PRIMITIVES[impl][which]
+
+    def local(x, y, idx):
+        out = primitive(_flat(x, x.shape[-1]), _flat(y, y.shape[-1]), _flat(idx, idx.shape[-1]))
+        return out.reshape(idx.shape[:-1] + out.shape[-1:])
+
+    spec = _batch_spec(impl, idx)
+    if spec is None:
+        return local(x, y, idx)
+    return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(x, y, idx)
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def _flat(t, last: int):
+    return t.reshape(-1, t.shape[-2], last)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_qk(q, k, idx, impl):
+    s = _apply(impl, 0, q, k, idx)
+    return jnp.where(idx < 0, -jnp.inf, s)
+
+
+def _gather_qk_fwd(q, k, idx, impl):
+    return _gather_qk(q, k, idx, impl), (q, k, idx)
+
+
+def _gather_qk_bwd(impl, residuals, g):
+    q, k, idx = residuals
+    g = jnp.where(idx < 0, 0, g)
+    dq = _apply(impl, 1, g, k, idx).reshape(q.shape).astype(q.dtype)
+    dk = _apply(impl, 2, g, q, idx).reshape(k.shape).astype(k.dtype)
+    return dq, dk, None
+
+
+_gather_qk.defvjp(_gather_qk_fwd, _gather_qk_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_av(a, v, idx, impl):
+    return _apply(impl, 1, a, v, idx)
+
+
+def _gather_av_fwd(a, v, idx, impl):
+    return _gather_av(a, v, idx, impl), (a, v, idx)
+
+
+def _gather_av_bwd(impl, residuals, g):
+    a, v, idx = residuals
+    da = _apply(impl, 0, g, v, idx).reshape(a.shape).astype(a.dtype)
+    dv = _apply(impl, 2, a, g, idx).reshape(v.shape).astype(v.dtype)
+    return da, dv, None
+
+
+_gather_av.defvjp(_gather_av_fwd, _gather_av_bwd)
+
+
+def gather_qk(q: jax.Array, k: jax.Array, idx: jax.Array, impl: str = "auto",
+              deterministic: bool = False) -> jax.Array:
+    """scores[..., i, t] = q[..., i, :] . k[..., idx[..., i, t], :]; -inf where idx < 0.
+
+    Scores come out in the accumulation dtype (float32 for bfloat16 inputs).
+    `deterministic` picks a backward with a fixed summation order (see module docstring).
+    """
+    return _gather_qk(q, k, idx, resolve(impl, deterministic))
+
+
+def gather_av(a: jax.Array, v: jax.Array, idx: jax.Array, impl: str = "auto",
+              deterministic: bool = False) -> jax.Array:
     """out[..., i, :] = sum_t a[..., i, t] * v[..., idx[..., i, t], :], skipping idx < 0."""
-    _resolve(impl)
-    *lead, n, kk = a.shape
-    d = v.shape[-1]
-    acc = _accumulation_dtype(a.dtype)
-
-    def row(ai, values):  # (K,), (K, d)
-        return jnp.einsum("k,kd->d", ai, values.astype(acc), preferred_element_type=acc)
-
-    flat_idx = idx.reshape(-1, n, kk)
-    weights = jnp.where(flat_idx < 0, 0, a.reshape(-1, n, kk)).astype(acc)
-    out = _per_query(row, weights, v.reshape(-1, n, d), jnp.maximum(flat_idx, 0))
-    return out.reshape(*lead, n, d)
+    return _gather_av(a, v, idx, resolve(impl, deterministic))

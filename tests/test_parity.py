@@ -68,9 +68,6 @@ def test_forward_parity(name):
     assert error <= TOLERANCE
 
 
-@pytest.mark.xfail(run=False, reason=(
-    "known gap (issue #2 open): the backward of the CPU-chunked XLA gathers (lax.map over "
-    "query chunks) asks for ~30 GB on this case; the fixture is in place"))
 @pytest.mark.parametrize("name", GRADIENT_CASES)
 def test_gradient_parity(name):
     data, meta = load_case(name)
