@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import os
 import warnings
 from typing import Any, Sequence
@@ -174,19 +175,33 @@ class PairedPatchLoader:
         lr_p = lr[y:y + p, x:x + p]
         hr_p = hr[y * s:(y + p) * s, x * s:(x + p) * s]
         if self.augment:
-            hflip, vflip, rot = rng.random(3) < 0.5
-            lr_p, hr_p = (_augment(a, hflip, vflip, rot) for a in (lr_p, hr_p))
+            hflip, vflip, rot = (bool(b) for b in rng.random(3) < 0.5)
+            return _augment(lr_p, hflip, vflip, rot), _augment(hr_p, hflip, vflip, rot)
         return np.ascontiguousarray(lr_p), np.ascontiguousarray(hr_p)
 
     def _sample_ids(self, step: int) -> range:
         start = step * self.global_batch_size + self.process_index * self.local_batch_size
         return range(start, start + self.local_batch_size)
 
+    def _new_batch(self) -> dict:
+        b, p, s = self.local_batch_size, self.patch_size, self.scale
+        return {"lr": np.empty((b, p, p, 3), np.float32),
+                "hr": np.empty((b, p * s, p * s, 3), np.float32)}
+
+    def _fill(self, out: dict, row: int, k: int) -> None:
+        """Sample ``k`` into row ``row`` of ``out`` as float32 in [0, 1]."""
+        lr_p, hr_p = self.sample(k)
+        np.divide(lr_p, np.float32(255), out=out["lr"][row], dtype=np.float32)
+        np.divide(hr_p, np.float32(255), out=out["hr"][row], dtype=np.float32)
+
     def _submit(self, step: int):
+        out = self._new_batch()
         ids = self._sample_ids(step)
         if self._pool is None:
-            return [_Done(self.sample(k)) for k in ids]
-        return [self._pool.submit(self.sample, k) for k in ids]
+            for row, k in enumerate(ids):
+                self._fill(out, row, k)
+            return out, [_Done(None)]
+        return out, [self._pool.submit(self._fill, out, row, k) for row, k in enumerate(ids)]
 
     # ------------------------------------------------------------------ iteration
 
@@ -197,18 +212,22 @@ class PairedPatchLoader:
         while len(self._queue) < 1 + self.prefetch:
             nxt = self._step + len(self._queue)
             self._queue.append(self._submit(nxt))
-        futures = self._queue.popleft()
-        pairs = [f.result() for f in futures]
+        out, futures = self._queue.popleft()
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            self._drain()  # later batches may hold the same error; recompute on retry
+            raise
         self._step += 1
-        lr = np.stack([a for a, _ in pairs]).astype(np.float32) / np.float32(255)
-        hr = np.stack([b for _, b in pairs]).astype(np.float32) / np.float32(255)
-        return {"lr": lr, "hr": hr}
+        return out
 
     def batch(self, step: int) -> dict:
-        """The local batch of ``step`` directly (does not move the iterator)."""
-        pairs = [self.sample(k) for k in self._sample_ids(step)]
-        return {"lr": np.stack([a for a, _ in pairs]).astype(np.float32) / np.float32(255),
-                "hr": np.stack([b for _, b in pairs]).astype(np.float32) / np.float32(255)}
+        """The local batch of ``step`` computed directly (does not move the iterator)."""
+        out = self._new_batch()
+        for row, k in enumerate(self._sample_ids(step)):
+            self._fill(out, row, k)
+        return out
 
     @property
     def step(self) -> int:
@@ -239,7 +258,7 @@ class PairedPatchLoader:
 
     def _drain(self):
         while self._queue:
-            for f in self._queue.popleft():
+            for f in self._queue.popleft()[1]:
                 f.cancel()
 
     def close(self):
@@ -267,14 +286,29 @@ class _Done:
 
 
 def _augment(img: np.ndarray, hflip: bool, vflip: bool, rot: bool) -> np.ndarray:
-    """BasicSR's augmentation: horizontal flip, vertical flip, transpose (H, W)."""
+    """BasicSR's augmentation: horizontal flip, vertical flip, transpose (H, W); a copy.
+
+    Same result as ``img[:, ::-1][::-1].transpose(1, 0, 2)`` (each step if chosen), done as
+    one gather with a cached index: NumPy copies strided 3-channel pixels slowly.
+    """
+    img = np.ascontiguousarray(img)
+    if not (hflip or vflip or rot):
+        return img
+    h, w, c = img.shape
+    return img.reshape(-1)[_dihedral_index(h, w, c, hflip, vflip, rot)].reshape(
+        (w, h, c) if rot else (h, w, c))
+
+
+@functools.lru_cache(maxsize=64)
+def _dihedral_index(h: int, w: int, c: int, hflip: bool, vflip: bool, rot: bool) -> np.ndarray:
+    pix = np.arange(h * w).reshape(h, w)
     if hflip:
-        img = img[:, ::-1]
+        pix = pix[:, ::-1]
     if vflip:
-        img = img[::-1]
+        pix = pix[::-1]
     if rot:
-        img = img.transpose(1, 0, 2)
-    return img
+        pix = pix.T
+    return (pix.reshape(-1, 1) * c + np.arange(c)).reshape(-1)
 
 
 def local_batch_rows(global_batch_size: int, process_index: int,
