@@ -332,3 +332,26 @@ def test_bad_data_skipped_and_counted(tmp_path, capsys):
     assert sorted(d["name"] for d in md["skipped"]["train"]) == ["corrupt", "deep", "mismatch",
                                                                  "trunc"]
     assert "Skipped 4 bad image(s)" in src.description and "deep.png" in src.description
+
+
+def test_subimages(tmp_path):
+    rng = np.random.default_rng(10)
+    hr_dir = tmp_path / "HR"
+    big = smooth_image(rng, 50, 38)
+    save(hr_dir / "a.png", big)
+    save(hr_dir / "b.png", smooth_image(rng, 14, 16))   # smaller than a sub-image: kept whole
+    build("paired", 2, tmp_path / "d", name="sub", hr_dirs=[hr_dir], subimage=20,
+          subimage_step=12)
+    src = open_source("sub", "train", 2, data_dir=tmp_path / "d")
+    names = [src[i]["name"] for i in range(len(src))]
+    # rows: 0, 12, 24, 30 (flush); cols: 0, 12, 18 (flush)
+    assert names == [f"a_s{k:03d}" for k in range(1, 13)] + ["b_s001"]
+    check_pairs(src, 2, generated=False)
+    full_lr = imresize.downscale(big, 2)
+    ex = src[names.index("a_s012")]
+    np.testing.assert_array_equal(ex["hr"], big[30:50, 18:38])
+    np.testing.assert_array_equal(ex["lr"], full_lr[15:25, 9:19])
+    assert src[12]["hr"].shape == (14, 16, 3)
+    assert src.metadata["subimage"] == {"size": 20, "step": 12}
+    with pytest.raises(ValueError, match="multiples of the scale 3"):
+        build("paired", 3, tmp_path / "d", name="sub", hr_dirs=[hr_dir], subimage=20)

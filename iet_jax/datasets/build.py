@@ -22,12 +22,16 @@ from iet_jax.datasets.source import BENCHMARKS, default_data_dir, find_build
 
 
 def make_builder(dataset: str, scale: int, *, data_dir, name=None, hr_dirs=(), lr_dirs=(),
-                 manual_dir=None, skip_bad=False, num_workers=None, verbose=True):
+                 manual_dir=None, skip_bad=False, num_workers=None, verbose=True,
+                 subimage=None, subimage_step=None):
     """The builder for one dataset and scale (not yet built)."""
     from iet_jax.datasets import builders
 
+    if subimage and dataset not in ("paired", "div2k"):
+        raise SystemExit("--subimage is for training sets (--dataset paired or div2k)")
     common = dict(config=f"x{scale}", data_dir=str(data_dir), skip_bad=skip_bad,
-                  num_workers=num_workers, verbose=verbose)
+                  num_workers=num_workers, verbose=verbose, subimage=subimage,
+                  subimage_step=subimage_step)
     if dataset == "demo":
         return builders.DemoBuilder(**common)
     if dataset == "paired":
@@ -79,6 +83,11 @@ def main(argv=None) -> int:
                    help="skip unusable images and count them instead of failing")
     p.add_argument("--overwrite", action="store_true", help="rebuild an existing build")
     p.add_argument("--num-workers", type=int, default=None, help="decode/resize threads")
+    p.add_argument("--subimage", type=int, default=None,
+                   help="paired/div2k: store HR sub-images of this size (e.g. 480, as BasicSR's "
+                        "extract_subimages) instead of whole images: much faster patch loading")
+    p.add_argument("--subimage-step", type=int, default=None,
+                   help="distance between sub-images (default: half the size)")
     a = p.parse_args(argv)
     scales = []
     for s in a.scale or ["4"]:
@@ -93,7 +102,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         out = build(a.dataset, s, data_dir=data_dir, name=a.name, hr_dirs=a.hr_dir,
                     lr_dirs=a.lr_dir, manual_dir=a.manual_dir, skip_bad=a.skip_bad,
-                    num_workers=a.num_workers, overwrite=a.overwrite)
+                    num_workers=a.num_workers, overwrite=a.overwrite,
+                    subimage=a.subimage, subimage_step=a.subimage_step)
         print(f"built {out} in {time.time() - t0:.1f} s")
     return 0
 

@@ -91,11 +91,56 @@ class Item:
     lr: Source | None = None
 
 
-def make_pair(item: Item, scale: int) -> tuple[dict, bool]:
-    """Read and check one pair; returns (example, hr_untouched).
+def make_pair(item: Item, scale: int) -> tuple[dict, tuple]:
+    """Read and check one pair; returns (example, (lr_hw, hr_hw)).
 
     Raises ``images.BadImageError`` naming the file for anything unusable.
     """
+    return _pair(item, scale)[0]
+
+
+def make_examples(item: Item, scale: int, subimage: int | None = None,
+                  subimage_step: int | None = None) -> list[tuple[str, dict, tuple]]:
+    """The examples of one item: the whole pair, or its sub-images (BasicSR-style).
+
+    With ``subimage`` (an HR size, e.g. 480) the pair is cut into HR crops of that size
+    every ``subimage_step`` pixels (default size/2), plus a last crop flush with the
+    bottom/right edge, with the matching LR crops; sides shorter than ``subimage`` are
+    kept whole. Names get a suffix ``_s001``, ``_s002``, ... Smaller images decode faster,
+    which is what makes random-patch training on 2K images fast.
+    """
+    (example, sizes), hr, lr = _pair(item, scale)
+    if not subimage:
+        return [(item.name, example, sizes)]
+    step = subimage_step or subimage // 2
+    if subimage % scale or step % scale:
+        raise ValueError(f"sub-image size {subimage} and step {step} must be multiples of the "
+                         f"scale {scale}")
+    H, W = hr.shape[:2]
+
+    def starts(n):
+        if n <= subimage:
+            return [0]
+        pos = list(range(0, n - subimage + 1, step))
+        if pos[-1] + subimage < n:
+            pos.append(n - subimage)
+        return pos
+
+    out = []
+    k = 0
+    for y in starts(H):
+        for x in starts(W):
+            k += 1
+            hr_c = hr[y:y + subimage, x:x + subimage]
+            ys, xs = y // scale, x // scale
+            lr_c = lr[ys:ys + hr_c.shape[0] // scale, xs:xs + hr_c.shape[1] // scale]
+            name = f"{item.name}_s{k:03d}"
+            out.append((name, {"hr": images.encode_png(hr_c), "lr": images.encode_png(lr_c),
+                               "name": name}, (tuple(lr_c.shape[:2]), tuple(hr_c.shape[:2]))))
+    return out
+
+
+def _pair(item: Item, scale: int):
     hr_bytes = _read(item.hr)
     hr = images.decode_rgb(hr_bytes, item.hr.name)
     H, W = hr.shape[:2]
@@ -121,7 +166,7 @@ def make_pair(item: Item, scale: int) -> tuple[dict, bool]:
     untouched = hr_out.shape == hr.shape and _is_plain_png(hr_bytes, hr)
     hr_png = hr_bytes if untouched else images.encode_png(hr_out)
     example = {"hr": hr_png, "lr": lr_png, "name": item.name}
-    return example, (tuple(lr.shape[:2]), tuple(hr_out.shape[:2]))
+    return (example, (tuple(lr.shape[:2]), tuple(hr_out.shape[:2]))), hr_out, lr
 
 
 def _read(src: Source) -> bytes:
@@ -150,8 +195,11 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     HOMEPAGE = "https://github.com/CVL-UESTC/IET"
 
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None,
-                 verbose: bool = True, **kwargs):
+                 verbose: bool = True, subimage: int | None = None,
+                 subimage_step: int | None = None, **kwargs):
         self.skip_bad = skip_bad
+        self.subimage = subimage
+        self.subimage_step = subimage_step
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
         self.verbose = verbose
         self.skipped: dict[str, list[dict]] = {}
@@ -180,6 +228,11 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return self.builder_config.scale
 
     def _split_generators(self, dl_manager):
+        if self.subimage:
+            step = self.subimage_step or self.subimage // 2
+            if self.subimage % self.scale or step % self.scale:
+                raise ValueError(f"sub-image size {self.subimage} and step {step} must be "
+                                 f"multiples of the scale {self.scale}")
         splits = self._items()
         for split, items in splits.items():
             if not items:
@@ -190,8 +243,11 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         skipped = self.skipped.setdefault(split, [])
         sizes = self._sizes.setdefault(split, [])
         names = set()
-        for item, result in _ordered_map(lambda it: _try_pair(it, self.scale), items,
-                                         self.num_workers):
+
+        def work(it):
+            return _try_examples(it, self.scale, self.subimage, self.subimage_step)
+
+        for item, result in _ordered_map(work, items, self.num_workers):
             if isinstance(result, images.BadImageError):
                 if not self.skip_bad:
                     raise images.BadImageError(
@@ -201,13 +257,13 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 if self.verbose:
                     print(f"skipping {result}")
                 continue
-            example, (lr_hw, hr_hw) = result
-            if item.name in names:
-                raise ValueError(f"{self.name}: two images are named {item.name!r} in split "
-                                 f"{split!r}; image names must be unique")
-            names.add(item.name)
-            sizes.append([item.name, list(lr_hw), list(hr_hw)])
-            yield item.name, example
+            for name, example, (lr_hw, hr_hw) in result:
+                if name in names:
+                    raise ValueError(f"{self.name}: two images are named {name!r} in split "
+                                     f"{split!r}; image names must be unique")
+                names.add(name)
+                sizes.append([name, list(lr_hw), list(hr_hw)])
+                yield name, example
         self._record_metadata()
 
     def _record_metadata(self):
@@ -217,8 +273,14 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         md["skipped"] = self.skipped
         md["sizes"] = {s: v for s, v in self._sizes.items()}
         md["size_fields"] = ["name", "lr_hw", "hr_hw"]
+        if self.subimage:
+            md["subimage"] = {"size": self.subimage,
+                              "step": self.subimage_step or self.subimage // 2}
         total = sum(len(v) for v in self.skipped.values())
         desc = self.DESCRIPTION
+        if self.subimage:
+            desc += (f" Cut into HR sub-images of {self.subimage} px every "
+                     f"{self.subimage_step or self.subimage // 2} px.")
         if total:
             desc += (f"\nSkipped {total} bad image(s) while building: "
                      + ", ".join(f"{d['file']} ({d['reason']})"
@@ -233,9 +295,9 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             print(f"{self.name}/{self.builder_config.name}: skipped {total} bad image(s)")
 
 
-def _try_pair(item: Item, scale: int):
+def _try_examples(item: Item, scale: int, subimage, subimage_step):
     try:
-        return make_pair(item, scale)
+        return make_examples(item, scale, subimage, subimage_step)
     except images.BadImageError as e:
         return e
 

@@ -129,7 +129,14 @@ class PairedSource(Sequence):
         name = ex["name"] if self._has_name else f"{self.split}_{i:04d}"
         if isinstance(name, bytes):
             name = name.decode("utf-8")
-        return {"hr": np.asarray(ex["hr"]), "lr": np.asarray(ex["lr"]), "name": str(name)}
+        hr, lr = np.asarray(ex["hr"]), np.asarray(ex["lr"])
+        h, w = lr.shape[:2]
+        s = self.scale
+        if hr.shape[:2] != (h * s, w * s) and (h * s <= hr.shape[0] < (h + 1) * s
+                                                and w * s <= hr.shape[1] < (w + 1) * s):
+            # TFDS's own div2k keeps HR uncropped; crop it to LR*s as our builds do.
+            hr = hr[: h * s, : w * s]
+        return {"hr": hr, "lr": lr, "name": str(name)}
 
     def __getstate__(self):
         return {"build_dir": self.build_dir, "split": self.split, "scale": self.scale,
