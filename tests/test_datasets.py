@@ -355,3 +355,36 @@ def test_subimages(tmp_path):
     assert src.metadata["subimage"] == {"size": 20, "step": 12}
     with pytest.raises(ValueError, match="multiples of the scale 3"):
         build("paired", 3, tmp_path / "d", name="sub", hr_dirs=[hr_dir], subimage=20)
+
+
+def test_reads_a_build_in_tfds_div2k_layout(tmp_path):
+    """TFDS's own div2k (<data_dir>/div2k/bicubic_x4/2.0.0, features lr/hr, HR not cropped)."""
+    import tensorflow_datasets as tfds
+
+    rng = np.random.default_rng(11)
+    hrs = [smooth_image(rng, 18, 22), smooth_image(rng, 17, 21)]
+
+    class Div2k(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("2.0.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="bicubic_x4")]
+        code_path = Path(__file__)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"lr": tfds.features.Image(), "hr": tfds.features.Image()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, hr in enumerate(hrs):
+                lr = imresize.downscale(imresize.mod_crop(hr, 4), 4)
+                yield str(i), {"hr": images.encode_png(hr), "lr": images.encode_png(lr)}
+
+    Div2k(data_dir=str(tmp_path), config="bicubic_x4",
+          file_format="array_record").download_and_prepare()
+    src = open_source("div2k", "train", 4, data_dir=tmp_path)
+    assert len(src) == 2 and src.lr_sizes() is None
+    assert [src[i]["hr"].shape for i in range(2)] == [(16, 20, 3)] * 2  # cropped to LR*4
+    assert [src[i]["name"] for i in range(2)] == ["train_0000", "train_0001"]
+    check_pairs(src, 4)
