@@ -188,12 +188,13 @@ def score(
     initial: InitialCandidates,
     rpb: jax.Array | None,
     impl: str,
+    deterministic: bool = False,
 ) -> jax.Array:
     """Raw scores (B, h, N, K) of pre-scaled q against each token's candidates."""
     b, h = q.shape[:2]
     if not plan.on_initial:
-        return ops.gather_qk(q, k, state.idx, impl)
-    s = ops.gather_qk(q, k, _broadcast_initial(initial, b, h), impl)
+        return ops.gather_qk(q, k, state.idx, impl, deterministic)
+    s = ops.gather_qk(q, k, _broadcast_initial(initial, b, h), impl, deterministic)
     dense, sparse = s[..., : initial.dense], s[..., initial.dense :]
     if rpb is not None:
         biased = dense + rpb.astype(s.dtype)[None, :, None, :]
@@ -211,9 +212,10 @@ def attend(
     initial: InitialCandidates,
     rpb: jax.Array | None,
     impl: str,
+    deterministic: bool = False,
 ) -> tuple[jax.Array, AttnState]:
     """Steps 1-5 of DESIGN.md section 2. q is already scaled by d^-1/2. Returns (B,h,N,d)."""
-    a = jax.nn.softmax(score(q, k, state, plan, initial, rpb, impl), axis=-1)
+    a = jax.nn.softmax(score(q, k, state, plan, initial, rpb, impl, deterministic), axis=-1)
     if plan.cascade:
         a = a * state.attn
         a = (a + CASCADE_EPS) / (jnp.sum(a, axis=-1, keepdims=True) + CASCADE_EPS)
@@ -224,7 +226,7 @@ def attend(
         a, pos = jax.lax.top_k(a, plan.keep)
         idx = jnp.take_along_axis(idx, pos, axis=-1)
     lists = idx if idx is not None else _broadcast_initial(initial, q.shape[0], q.shape[1])
-    out = ops.gather_av(a, v, lists, impl)
+    out = ops.gather_av(a, v, lists, impl, deterministic)
     return out, AttnState(idx=idx, attn=a)
 
 

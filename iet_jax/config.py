@@ -77,7 +77,10 @@ def model_config(**fields: Any) -> ml_collections.ConfigDict:
         img_range=1.0,
         dtype="float32",  # compute dtype
         param_dtype="float32",
-        gather_impl="auto",  # see iet_jax.ops
+        gather_impl="auto",  # "auto" (pallas on GPU, else xla), "xla" or "pallas"; see iet_jax.ops
+        # True: the gathers' backward sums in a fixed order (same bits every run, slower)
+        # instead of atomic adds; matters for gather_impl "pallas" on GPU.
+        gather_deterministic=False,
         merge="index",  # "index": official cut by token index; "rank": keep best first
     )
     unknown = set(fields) - set(cfg)
