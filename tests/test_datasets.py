@@ -130,11 +130,13 @@ def test_paired_folder_with_lr_folder(tmp_path):
         save(hr_dir / f"{i:04d}.png", hr)
         lr = imresize.downscale(imresize.mod_crop(hr, 2), 2)
         save(lr_dir / f"{i:04d}x2.png", lr)              # DIV2K naming
+    extra = tmp_path / "extra_HR"
+    save(extra / "z.png", smooth_image(rng, 12, 14))
     build_mod.main(["--dataset", "paired", "--name", "mine", "--scale", "2", "--hr-dir",
-                    str(hr_dir), "--lr-dir", str(lr_dir), "--data-dir", str(tmp_path / "d"),
-                    "--num-workers", "1"])
+                    str(hr_dir), "--lr-dir", str(lr_dir), "--hr-dir", str(extra), "--lr-dir",
+                    "none", "--data-dir", str(tmp_path / "d"), "--num-workers", "1"])
     src = open_source("mine", "train", 2, data_dir=tmp_path / "d")
-    assert len(src) == 3
+    assert len(src) == 4 and src[3]["name"] == "z"
     check_pairs(src, 2)
 
 

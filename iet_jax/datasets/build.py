@@ -8,7 +8,13 @@
   python -m iet_jax.datasets.build --dataset div2k --scale 4 --manual-dir zips/ --data-dir DIR
 
 ``--scale`` may be repeated (or ``all``); ``--skip-bad`` skips unusable images, counting
-them (printed, and stored in the build's metadata.json and description).
+them (printed, and stored in the build's metadata.json and description); ``--subimage 480``
+stores training images as BasicSR-style sub-images (faster random patches on 2K images).
+
+TFDS's own ``div2k`` builder also works offline (it needs TensorFlow to build): put the
+official zips, with their original names, in a folder and run
+``tfds build div2k --config bicubic_x4 --manual_dir FOLDER --data_dir DIR
+--file_format array_record``; ``open_source('div2k', ...)`` reads either build.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ def make_builder(dataset: str, scale: int, *, data_dir, name=None, hr_dirs=(), l
             raise SystemExit("--dataset paired needs --name and at least one --hr-dir")
         if lr_dirs and len(lr_dirs) != len(hr_dirs):
             raise SystemExit("give one --lr-dir per --hr-dir (same order), or none")
-        return builders.FolderBuilder(name=name, hr_dirs=list(hr_dirs),
-                                      lr_dirs=list(lr_dirs) or None, **common)
+        lr = [None if str(d).lower() in ("none", "-", "") else d for d in lr_dirs]
+        return builders.FolderBuilder(name=name, hr_dirs=list(hr_dirs), lr_dirs=lr or None,
+                                      **common)
     if dataset == "benchmark":
         if not name or not manual_dir:
             raise SystemExit(f"--dataset benchmark needs --name ({', '.join(BENCHMARKS)}) "
@@ -75,7 +82,8 @@ def main(argv=None) -> int:
                    help="2, 3, 4 or all; repeatable (default 4)")
     p.add_argument("--hr-dir", action="append", default=[], help="paired: HR folder; repeatable")
     p.add_argument("--lr-dir", action="append", default=[],
-                   help="paired: LR folder of that scale for the matching --hr-dir")
+                   help="paired: LR folder of that scale for the matching --hr-dir "
+                        "('none': make that folder's LR with the bicubic)")
     p.add_argument("--manual-dir", help="benchmark/div2k: folder with the downloaded data")
     p.add_argument("--data-dir", default=None,
                    help="where builds go (default $IET_DATA_DIR or ~/tensorflow_datasets)")
