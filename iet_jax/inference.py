@@ -1,0 +1,249 @@
+"""Inference on images of any size: whole-image, tiled, and the x8 self-ensemble.
+
+`Upscaler(model, ...)` wraps an IET (or any callable mapping NHWC images in [0, 1] to their
+upscaled NHWC images) and compiles its forward pass once per input shape:
+
+- **Whole image** (`tile=None`): the image goes through the model as it is. The model itself
+  mirror-pads inputs shorter than `model.min_size()` and crops the output back. Each new image
+  size compiles anew.
+- **Tiled** (`tile=T`): the image is covered by T x T tiles that overlap by at least
+  `overlap` pixels; the tiles are evenly spaced, so the last one ends at the border and no
+  padding is needed unless a side is shorter than T (then that side is mirror-padded to T
+  and the output cropped back). Tiles go through the model `tile_batch` at a time (the last
+  batch is filled up with copies), so the compiled function only ever sees
+  (tile_batch, T, T, 3): any image size runs without compiling again, and device memory is
+  bounded by the tile batch. The tile outputs are blended with separable weights that ramp
+  smoothly (smoothstep) across each overlap, and sum to one there, so seams vanish; the image
+  borders get full weight.
+- **Self-ensemble** (`self_ensemble=True`): the 8 images obtained by flipping vertically,
+  horizontally and transposing go through the model in one batched call; each output is
+  transformed back and the 8 are averaged (BasicSR's `test_selfensemble`). In tiled mode it
+  runs per tile, inside the compiled function (batch 8 x tile_batch). For a whole image that
+  is not square, the transposed four have the other shape: two calls, one compiled function.
+
+Images are float in [0, 1], HWC or NHWC (NumPy or JAX); results come back as float32 NumPy
+arrays of the same rank, not clipped. Tiled mode works on the host (NumPy) apart from the
+model call, so the output image itself never needs to fit on the device.
+
+A tile smaller than the model's attention needs (`model.min_size()`, sparse_range x dilation
+tokens) is refused: the model would mirror-pad it up to that size anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+DEFAULT_OVERLAP = 16
+DEFAULT_TILE_BATCH = 4
+
+# (flip H, flip W, transpose H<->W): applied in that order; undone in reverse order.
+ENSEMBLE_TRANSFORMS = tuple((bool(k & 1), bool(k & 2), bool(k & 4)) for k in range(8))
+
+
+def transform(x, k: int):
+    """The k-th of the 8 dihedral transforms of NHWC images (flips, then transpose)."""
+    flip_h, flip_w, transpose = ENSEMBLE_TRANSFORMS[k]
+    xp = jnp if isinstance(x, jax.Array) else np
+    if flip_h:
+        x = xp.flip(x, 1)
+    if flip_w:
+        x = xp.flip(x, 2)
+    if transpose:
+        x = xp.swapaxes(x, 1, 2)
+    return x
+
+
+def inverse_transform(y, k: int):
+    """Undo `transform(., k)` on NHWC images (the output of the model for the k-th input)."""
+    flip_h, flip_w, transpose = ENSEMBLE_TRANSFORMS[k]
+    xp = jnp if isinstance(y, jax.Array) else np
+    if transpose:
+        y = xp.swapaxes(y, 1, 2)
+    if flip_w:
+        y = xp.flip(y, 2)
+    if flip_h:
+        y = xp.flip(y, 1)
+    return y
+
+
+def x8_ensemble(forward: Callable, x: jax.Array) -> jax.Array:
+    """Average of `forward` over the 8 transforms of NHWC `x`, each transformed back.
+
+    Transforms that share a shape go through `forward` as one batch (all 8 for square
+    images, two groups of 4 otherwise).
+    """
+    b = x.shape[0]
+    groups = [[k for k in range(8) if not ENSEMBLE_TRANSFORMS[k][2]],
+              [k for k in range(8) if ENSEMBLE_TRANSFORMS[k][2]]]
+    if x.shape[1] == x.shape[2]:
+        groups = [groups[0] + groups[1]]
+    total = None
+    for ks in groups:
+        y = forward(jnp.concatenate([transform(x, k) for k in ks], axis=0))
+        for i, k in enumerate(ks):
+            yk = inverse_transform(y[i * b:(i + 1) * b], k).astype(jnp.float32)
+            total = yk if total is None else total + yk
+    return total / 8.0
+
+
+def model_scale(model) -> int:
+    """The upscaling factor of an IET (`model.config.scale`) or of a callable with `.scale`."""
+    config = getattr(model, "config", None)
+    scale = getattr(config, "scale", None) if config is not None else None
+    scale = scale if scale is not None else getattr(model, "scale", None)
+    if scale is None:
+        raise ValueError("cannot tell the model's scale: pass scale= for a plain callable")
+    return int(scale)
+
+
+def model_min_size(model) -> int:
+    """Smallest LR side the attention needs: `model.min_size()` (1 for other callables)."""
+    min_size = getattr(model, "min_size", None)
+    return int(min_size()) if callable(min_size) else 1
+
+
+def check_tile(model, tile: int, overlap: int) -> None:
+    need = model_min_size(model)
+    if tile < need:
+        config = getattr(model, "config", None)
+        why = (f" (sparse_range {config.sparse_range} x dilation {config.dilation} tokens)"
+               if config is not None and hasattr(config, "sparse_range") else "")
+        raise ValueError(
+            f"tile {tile} is smaller than this model's attention needs: the minimum tile is "
+            f"{need} LR pixels{why}; use --tile {need} or more")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile) = [0, {tile}), got {overlap}")
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Evenly spaced tile starts covering [0, length) with overlaps of at least `overlap`."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    n = max(n, 2)
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def _ramp(n: int) -> np.ndarray:
+    """Smoothstep rising over n pixels, sampled at pixel centres; ramp + reversed ramp == 1."""
+    r = (np.arange(n, dtype=np.float64) + 0.5) / n
+    return r * r * (3.0 - 2.0 * r)
+
+
+def blend_weights(starts: list[int], tile: int, scale: int) -> list[np.ndarray]:
+    """Per-tile 1-D weights (HR pixels): 1 inside, ramps across the overlap with a neighbour."""
+    size = tile * scale
+    weights = []
+    for i, s in enumerate(starts):
+        w = np.ones(size)
+        if i > 0:
+            left = (starts[i - 1] + tile - s) * scale
+            w[:left] = np.minimum(w[:left], _ramp(left))
+        if i + 1 < len(starts):
+            right = (s + tile - starts[i + 1]) * scale
+            w[size - right:] = np.minimum(w[size - right:], _ramp(right)[::-1])
+        weights.append(w)
+    return weights
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run(model_def, ensemble: bool, state, x: jax.Array) -> jax.Array:
+    """The compiled forward pass. `model_def` (an nnx GraphDef, or a plain callable) and
+    `ensemble` are static, so Upscalers of equal models share their compilations."""
+
+    def forward(t):
+        if isinstance(model_def, nnx.GraphDef):
+            return nnx.merge(model_def, state)(t)
+        return model_def(t)
+
+    x = x.astype(jnp.float32)
+    if ensemble:
+        return x8_ensemble(forward, x)
+    return forward(x).astype(jnp.float32)
+
+
+class Upscaler:
+    """Compiled whole-image, tiled and self-ensembled inference for one model.
+
+    The model's state is captured when the Upscaler is built: build a new one after changing
+    the weights. Reuse one Upscaler across images so compiled functions are reused.
+    """
+
+    def __init__(self, model, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
+                 self_ensemble: bool = False, tile_batch: int = DEFAULT_TILE_BATCH,
+                 scale: int | None = None):
+        self.model = model
+        self.scale = int(scale) if scale is not None else model_scale(model)
+        self.tile = None if tile is None else int(tile)
+        self.overlap = int(overlap)
+        self.self_ensemble = bool(self_ensemble)
+        if tile_batch < 1:
+            raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+        self.tile_batch = int(tile_batch)
+        if self.tile is not None:
+            check_tile(model, self.tile, self.overlap)
+        if isinstance(model, nnx.Module):
+            self._def, self._state = nnx.split(model)
+        else:
+            self._def, self._state = model, None
+
+    def _call(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(_run(self._def, self.self_ensemble, self._state,
+                               jnp.asarray(x, jnp.float32)))
+
+    def __call__(self, images) -> np.ndarray:
+        """Upscale HWC or NHWC float images in [0, 1]; float32 NumPy out, same rank."""
+        x = np.asarray(images, np.float32)
+        single = x.ndim == 3
+        if single:
+            x = x[None]
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected RGB images (H, W, 3) or (N, H, W, 3), got {x.shape}")
+        if self.tile is None:
+            y = self._call(x)
+        else:
+            y = np.stack([self._tiled(img) for img in x])
+        return y[0] if single else y
+
+    def _tiled(self, img: np.ndarray) -> np.ndarray:
+        """One HWC image through fixed-size tiles, blended."""
+        t, s = self.tile, self.scale
+        height, width = img.shape[:2]
+        pad_h, pad_w = max(t - height, 0), max(t - width, 0)
+        if pad_h or pad_w:  # mirror (x, flip(x), x, ...) as the model pads, then crop
+            img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
+        h, w = img.shape[:2]
+        ys, xs = tile_starts(h, t, self.overlap), tile_starts(w, t, self.overlap)
+        wy, wx = blend_weights(ys, t, s), blend_weights(xs, t, s)
+        out = np.zeros((h * s, w * s, 3), np.float64)
+        wsum = np.zeros((h * s, w * s, 1), np.float64)
+        jobs = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+        for b in range(0, len(jobs), self.tile_batch):
+            chunk = jobs[b:b + self.tile_batch]
+            batch = np.stack([img[ys[i]:ys[i] + t, xs[j]:xs[j] + t] for i, j in chunk])
+            if len(chunk) < self.tile_batch:  # keep the compiled shape
+                fill = np.repeat(batch[-1:], self.tile_batch - len(chunk), axis=0)
+                batch = np.concatenate([batch, fill])
+            result = self._call(batch)
+            for (i, j), tile_out in zip(chunk, result):
+                weight = np.outer(wy[i], wx[j])[..., None]
+                y0, x0 = ys[i] * s, xs[j] * s
+                out[y0:y0 + t * s, x0:x0 + t * s] += weight * tile_out
+                wsum[y0:y0 + t * s, x0:x0 + t * s] += weight
+        out /= wsum
+        return out[:height * s, :width * s].astype(np.float32)
+
+
+def upscale(model, images, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
+            self_ensemble: bool = False, tile_batch: int = DEFAULT_TILE_BATCH,
+            scale: int | None = None) -> np.ndarray:
+    """One-off `Upscaler(model, ...)(images)`; build an Upscaler to reuse compilations."""
+    return Upscaler(model, tile=tile, overlap=overlap, self_ensemble=self_ensemble,
+                    tile_batch=tile_batch, scale=scale)(images)
