@@ -6,8 +6,9 @@
 Builds the demo dataset (x2 and x4) if needed, then times ``PairedPatchLoader`` for
 LR patch 64 at x4 and LR patch 48 at x2 (global batch 16, augmentation on), with decoded
 images cached in memory (the default for small datasets) and without the cache (every
-sample decodes its PNG, as for DIV2K-sized data). Prints a table and writes JSON with
-the machine it ran on.
+sample reads its image pair again, as for DIV2K-sized data), for PNG storage (every
+sample decodes two PNGs) and raw storage (``--storage raw``). Prints a table and writes
+JSON with the machine it ran on.
 """
 
 from __future__ import annotations
@@ -60,24 +61,26 @@ def main() -> None:
     a = p.parse_args()
     data_dir = a.data_dir or tempfile.mkdtemp(prefix="iet_bench_")
     build_s = {}
-    for scale in sorted({c[0] for c in CASES}):
-        try:
-            open_source("demo", "train", scale, data_dir=data_dir)
-        except DatasetNotBuiltError:
-            start = time.perf_counter()
-            build_mod.build("demo", scale, data_dir=data_dir, verbose=False)
-            build_s[f"x{scale}"] = round(time.perf_counter() - start, 1)
+    dirs = {"png": Path(data_dir), "raw": Path(data_dir) / "raw"}
+    for storage, d in dirs.items():
+        for scale in sorted({c[0] for c in CASES}):
+            try:
+                open_source("demo", "train", scale, data_dir=d)
+            except DatasetNotBuiltError:
+                start = time.perf_counter()
+                build_mod.build("demo", scale, data_dir=d, verbose=False, storage=storage)
+                build_s[f"{storage} x{scale}"] = round(time.perf_counter() - start, 1)
     results = []
     for scale, patch, batch in CASES:
-        src = open_source("demo", "train", scale, data_dir=data_dir)
-        for cache in (True, False):
+        for storage, cache in (("png", True), ("png", False), ("raw", False)):
+            src = open_source("demo", "train", scale, data_dir=dirs[storage])
             for workers in (int(w) for w in a.workers.split(",")):
-                results.append(measure(src, scale, patch, batch, cache=cache,
-                                       workers=workers,
-                                       batches=a.batches if cache else max(5, a.batches // 4)))
-                r = results[-1]
-                print(f"x{scale} LR {patch} batch {batch} cache={cache!s:5} workers={workers}: "
-                      f"{r['patches_per_s']:8.1f} patches/s")
+                r = measure(src, scale, patch, batch, cache=cache, workers=workers,
+                            batches=a.batches if cache else max(5, a.batches // 4))
+                r["storage"] = storage
+                results.append(r)
+                print(f"x{scale} LR {patch} batch {batch} {storage} cache={cache!s:5} "
+                      f"workers={workers}: {r['patches_per_s']:8.1f} patches/s")
     machine = dict(processor=platform.processor() or platform.machine(),
                    cpu_count=os.cpu_count(), python=platform.python_version(),
                    platform=platform.platform(), date=str(datetime.date.today()),
@@ -85,11 +88,12 @@ def main() -> None:
     out = dict(machine=machine, dataset="demo (train split)", demo_build_s=build_s,
                results=results)
     print()
-    print("| scale | LR patch | HR patch | batch | cache | workers | patches/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| scale | LR patch | HR patch | batch | storage | cache | workers | patches/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| x{r['scale']} | {r['lr_patch']} | {r['hr_patch']} | {r['global_batch']} | "
-              f"{'yes' if r['cache'] else 'no'} | {r['num_workers']} | {r['patches_per_s']} |")
+              f"{r['storage']} | {'yes' if r['cache'] else 'no'} | {r['num_workers']} | "
+              f"{r['patches_per_s']} |")
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {a.output}")

@@ -390,3 +390,23 @@ def test_reads_a_build_in_tfds_div2k_layout(tmp_path):
     assert [src[i]["hr"].shape for i in range(2)] == [(16, 20, 3)] * 2  # cropped to LR*4
     assert [src[i]["name"] for i in range(2)] == ["train_0000", "train_0001"]
     check_pairs(src, 4)
+
+
+def test_raw_storage_reads_the_same_pixels(tmp_path):
+    rng = np.random.default_rng(12)
+    hr_dir = tmp_path / "HR"
+    for i in range(2):
+        save(hr_dir / f"{i}.png", smooth_image(rng, 24, 20 + 4 * i))
+    build("paired", 4, tmp_path / "png", name="t", hr_dirs=[hr_dir])
+    build("paired", 4, tmp_path / "raw", name="t", hr_dirs=[hr_dir], storage="raw",
+          subimage=16, subimage_step=16)
+    build("paired", 4, tmp_path / "rawfull", name="t", hr_dirs=[hr_dir], storage="raw")
+    png = open_source("t", "train", 4, data_dir=tmp_path / "png")
+    raw = open_source("t", "train", 4, data_dir=tmp_path / "rawfull")
+    sub = open_source("t", "train", 4, data_dir=tmp_path / "raw")
+    assert raw.metadata["storage"] == "raw" and len(sub) == 2 * 2 + 2 * 2
+    for i in range(2):
+        for k in ("hr", "lr", "name"):
+            np.testing.assert_array_equal(raw[i][k], png[i][k])
+    np.testing.assert_array_equal(sub[0]["hr"], png[0]["hr"][:16, :16])
+    check_pairs(sub, 4, generated=False)

@@ -24,12 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from iet_jax.datasets.source import BENCHMARKS, default_data_dir, find_build
+from iet_jax.datasets.source import BENCHMARKS, default_data_dir
 
 
 def make_builder(dataset: str, scale: int, *, data_dir, name=None, hr_dirs=(), lr_dirs=(),
                  manual_dir=None, skip_bad=False, num_workers=None, verbose=True,
-                 subimage=None, subimage_step=None):
+                 subimage=None, subimage_step=None, storage="png"):
     """The builder for one dataset and scale (not yet built)."""
     from iet_jax.datasets import builders
 
@@ -37,7 +37,7 @@ def make_builder(dataset: str, scale: int, *, data_dir, name=None, hr_dirs=(), l
         raise SystemExit("--subimage is for training sets (--dataset paired or div2k)")
     common = dict(config=f"x{scale}", data_dir=str(data_dir), skip_bad=skip_bad,
                   num_workers=num_workers, verbose=verbose, subimage=subimage,
-                  subimage_step=subimage_step)
+                  subimage_step=subimage_step, storage=storage)
     if dataset == "demo":
         return builders.DemoBuilder(**common)
     if dataset == "paired":
@@ -96,6 +96,9 @@ def main(argv=None) -> int:
                         "extract_subimages) instead of whole images: much faster patch loading")
     p.add_argument("--subimage-step", type=int, default=None,
                    help="distance between sub-images (default: half the size)")
+    p.add_argument("--storage", choices=["png", "raw"], default="png",
+                   help="png (default, compact) or raw uncompressed arrays (larger on disk, "
+                        "no PNG decoding when training reads them)")
     a = p.parse_args(argv)
     scales = []
     for s in a.scale or ["4"]:
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
         out = build(a.dataset, s, data_dir=data_dir, name=a.name, hr_dirs=a.hr_dir,
                     lr_dirs=a.lr_dir, manual_dir=a.manual_dir, skip_bad=a.skip_bad,
                     num_workers=a.num_workers, overwrite=a.overwrite,
-                    subimage=a.subimage, subimage_step=a.subimage_step)
+                    subimage=a.subimage, subimage_step=a.subimage_step, storage=a.storage)
         print(f"built {out} in {time.time() - t0:.1f} s")
     return 0
 

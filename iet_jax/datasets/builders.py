@@ -38,6 +38,7 @@ from iet_jax.datasets import images
 SCALES = (2, 3, 4)
 VERSION = tfds.core.Version("1.0.0")
 BENCHMARKS = ("set5", "set14", "b100", "urban100", "manga109")
+STORAGES = ("png", "raw")
 
 # Folder names people use for each benchmark (compared lower-case, without - and _).
 BENCHMARK_ALIASES = {
@@ -100,7 +101,8 @@ def make_pair(item: Item, scale: int) -> tuple[dict, tuple]:
 
 
 def make_examples(item: Item, scale: int, subimage: int | None = None,
-                  subimage_step: int | None = None) -> list[tuple[str, dict, tuple]]:
+                  subimage_step: int | None = None,
+                  storage: str = "png") -> list[tuple[str, dict, tuple]]:
     """The examples of one item: the whole pair, or its sub-images (BasicSR-style).
 
     With ``subimage`` (an HR size, e.g. 480) the pair is cut into HR crops of that size
@@ -108,10 +110,19 @@ def make_examples(item: Item, scale: int, subimage: int | None = None,
     bottom/right edge, with the matching LR crops; sides shorter than ``subimage`` are
     kept whole. Names get a suffix ``_s001``, ``_s002``, ... Smaller images decode faster,
     which is what makes random-patch training on 2K images fast.
+
+    ``storage='raw'`` stores uncompressed arrays instead of PNG bytes.
     """
-    (example, sizes), hr, lr = _pair(item, scale)
-    if not subimage:
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    if not subimage and storage == "png":
+        example, sizes = _pair(item, scale)[0]
         return [(item.name, example, sizes)]
+    _, hr, lr = _pair(item, scale, encode=False)
+    enc = images.encode_png if storage == "png" else np.ascontiguousarray
+    if not subimage:
+        return [(item.name, {"hr": enc(hr), "lr": enc(lr), "name": item.name},
+                 (tuple(lr.shape[:2]), tuple(hr.shape[:2])))]
     step = subimage_step or subimage // 2
     if subimage % scale or step % scale:
         raise ValueError(f"sub-image size {subimage} and step {step} must be multiples of the "
@@ -135,12 +146,11 @@ def make_examples(item: Item, scale: int, subimage: int | None = None,
             ys, xs = y // scale, x // scale
             lr_c = lr[ys:ys + hr_c.shape[0] // scale, xs:xs + hr_c.shape[1] // scale]
             name = f"{item.name}_s{k:03d}"
-            out.append((name, {"hr": images.encode_png(hr_c), "lr": images.encode_png(lr_c),
-                               "name": name}, (tuple(lr_c.shape[:2]), tuple(hr_c.shape[:2]))))
+            out.append((name, {"hr": enc(hr_c), "lr": enc(lr_c), "name": name}, (tuple(lr_c.shape[:2]), tuple(hr_c.shape[:2]))))
     return out
 
 
-def _pair(item: Item, scale: int):
+def _pair(item: Item, scale: int, encode: bool = True):
     hr_bytes = _read(item.hr)
     hr = images.decode_rgb(hr_bytes, item.hr.name)
     H, W = hr.shape[:2]
@@ -155,6 +165,8 @@ def _pair(item: Item, scale: int):
                 f"LR size {h}x{w} does not match HR {item.hr.name} of size {H}x{W} at "
                 f"x{scale} (expected LR {H // scale}x{W // scale})")
         hr_out = hr[: h * scale, : w * scale]
+        if not encode:
+            return None, hr_out, lr
         lr_png = lr_bytes if _is_plain_png(lr_bytes, lr) else images.encode_png(lr)
     else:
         if H < scale or W < scale:
@@ -162,6 +174,8 @@ def _pair(item: Item, scale: int):
                                        f"image of {H}x{W} is smaller than the scale {scale}")
         hr_out = imresize.mod_crop(hr, scale)
         lr = imresize.downscale(hr_out, scale)
+        if not encode:
+            return None, hr_out, lr
         lr_png = images.encode_png(lr)
     untouched = hr_out.shape == hr.shape and _is_plain_png(hr_bytes, hr)
     hr_png = hr_bytes if untouched else images.encode_png(hr_out)
@@ -196,7 +210,10 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None,
                  verbose: bool = True, subimage: int | None = None,
-                 subimage_step: int | None = None, **kwargs):
+                 subimage_step: int | None = None, storage: str = "png", **kwargs):
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self.storage = storage
         self.skip_bad = skip_bad
         self.subimage = subimage
         self.subimage_step = subimage_step
@@ -211,8 +228,12 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
-        image = tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
-                                    encoding_format="png")
+        if self.storage == "raw":  # uncompressed: bigger, but no PNG decoding when read
+            image = tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8,
+                                         encoding=tfds.features.Encoding.BYTES)
+        else:
+            image = tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
+                                        encoding_format="png")
         return tfds.core.DatasetInfo(
             builder=self,
             description=self.DESCRIPTION,
@@ -245,7 +266,8 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         names = set()
 
         def work(it):
-            return _try_examples(it, self.scale, self.subimage, self.subimage_step)
+            return _try_examples(it, self.scale, self.subimage, self.subimage_step,
+                                 self.storage)
 
         for item, result in _ordered_map(work, items, self.num_workers):
             if isinstance(result, images.BadImageError):
@@ -273,6 +295,7 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         md["skipped"] = self.skipped
         md["sizes"] = {s: v for s, v in self._sizes.items()}
         md["size_fields"] = ["name", "lr_hw", "hr_hw"]
+        md["storage"] = self.storage
         if self.subimage:
             md["subimage"] = {"size": self.subimage,
                               "step": self.subimage_step or self.subimage // 2}
@@ -295,9 +318,9 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             print(f"{self.name}/{self.builder_config.name}: skipped {total} bad image(s)")
 
 
-def _try_examples(item: Item, scale: int, subimage, subimage_step):
+def _try_examples(item: Item, scale: int, subimage, subimage_step, storage):
     try:
-        return make_examples(item, scale, subimage, subimage_step)
+        return make_examples(item, scale, subimage, subimage_step, storage)
     except images.BadImageError as e:
         return e
 
