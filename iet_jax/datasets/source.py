@@ -162,7 +162,7 @@ class PairedSource(Sequence):
 
 
 def open_source(name: str, split: str | None = None, scale: int = 4,
-                data_dir=None) -> PairedSource:
+                data_dir=None, *, build_demo: bool = False) -> PairedSource:
     """Open a built dataset split as a random-access sequence of dicts.
 
     Args:
@@ -172,6 +172,7 @@ def open_source(name: str, split: str | None = None, scale: int = 4,
         'test' for benchmarks and 'train' otherwise.
       scale: 2, 3 or 4.
       data_dir: where builds live; default ``$IET_DATA_DIR`` or ``~/tensorflow_datasets``.
+      build_demo: build the demo dataset (seconds, no download) if it is missing.
 
     Raises:
       DatasetNotBuiltError: not built; ``str(err)`` is the command that builds it.
@@ -179,6 +180,9 @@ def open_source(name: str, split: str | None = None, scale: int = 4,
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     split = split or default_split(name)
     build = find_build(name, scale, data_dir)
+    if build is None and build_demo and name.lower() == "demo":
+        from iet_jax.datasets import build as build_mod
+        build = build_mod.build("demo", scale, data_dir=data_dir, verbose=False)
     if build is None:
         raise DatasetNotBuiltError(build_command(name, scale, data_dir))
     return PairedSource(build, split, scale, name=name.lower())
