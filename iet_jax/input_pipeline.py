@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import functools
 import os
+import threading
 import warnings
 from typing import Any, Sequence
 
@@ -124,6 +125,7 @@ class PairedPatchLoader:
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, str]] | None = {} if cache else None
         self._step = 0
         self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
         workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
         self._pool = (concurrent.futures.ThreadPoolExecutor(workers, "patch-loader")
                       if workers > 1 else None)
@@ -132,14 +134,15 @@ class PairedPatchLoader:
     # ------------------------------------------------------------------ sampling
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            rng = np.random.default_rng([self.seed, _PERM_TAG, epoch])
-            perm = rng.permutation(self.num_examples)
-            if len(self._perms) >= 4:
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[epoch] = perm
-        return perm
+        with self._lock:  # worker threads share this small cache
+            perm = self._perms.get(epoch)
+            if perm is None:
+                rng = np.random.default_rng([self.seed, _PERM_TAG, epoch])
+                perm = rng.permutation(self.num_examples)
+                if len(self._perms) >= 4:
+                    self._perms.pop(next(iter(self._perms)))
+                self._perms[epoch] = perm
+            return perm
 
     def _image(self, idx: int) -> tuple[np.ndarray, np.ndarray, str]:
         if self._cache is not None and idx in self._cache:
