@@ -1,0 +1,125 @@
+"""Benchmark evaluation: evaluate_source on in-memory sources, and the CLI end to end."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from iet_jax import checkpoint, datasets, evaluate, metrics
+from iet_jax.imresize import imresize
+from test_inference import nearest, photo, random_model, tiny_config
+
+
+def make_source(scale, sizes=((24, 30), (18, 22), (20, 20))):
+    """{'hr', 'lr', 'name'} dicts: photo crops and their MATLAB-bicubic downscales."""
+    out = []
+    for i, (h, w) in enumerate(sizes):
+        hr = (photo(h * scale, w * scale, 60 + 40 * i, 100 + 50 * i) * 255).round().astype(np.uint8)
+        out.append({"hr": hr, "lr": imresize(hr, output_shape=(h, w)), "name": f"img{i}.png"})
+    return out
+
+
+def test_evaluate_source_numbers_and_saved_images(tmp_path):
+    source = make_source(2)
+    res = evaluate.evaluate_source(nearest, source, 2, save_dir=tmp_path / "sr")
+    assert res["count"] == 3 and len(res["images"]) == 3
+    for ex, row in zip(source, res["images"]):
+        sr = metrics.to_uint8(np.asarray(nearest(jnp.asarray(ex["lr"][None] / 255.0)))[0])
+        assert row["psnr"] == metrics.psnr(sr, ex["hr"], 2)
+        assert row["ssim"] == metrics.ssim(sr, ex["hr"], 2)
+        ref = imresize(ex["lr"], 2)
+        assert row["bicubic_psnr"] == metrics.psnr(ref, ex["hr"], 2)
+        saved = np.asarray(Image.open(tmp_path / "sr" / f"{ex['name'][:-4]}.png"))
+        np.testing.assert_array_equal(saved, sr)
+    assert res["psnr"] == pytest.approx(np.mean([r["psnr"] for r in res["images"]]))
+    assert res["bicubic_psnr"] > res["psnr"]  # MATLAB bicubic beats nearest neighbour
+    # Tiled and self-ensembled evaluation of an equivariant per-pixel model: same numbers.
+    again = evaluate.evaluate_source(nearest, source, 2, tile=8, overlap=2, self_ensemble=True,
+                                     bicubic=False)
+    assert again["psnr"] == pytest.approx(res["psnr"], abs=1e-9)
+    assert "bicubic_psnr" not in again
+
+
+def test_scale_mismatch_is_explained():
+    with pytest.raises(ValueError, match=r"x3 pair, but the model upscales x2"):
+        evaluate.evaluate_source(nearest, make_source(3), 2)
+    with pytest.raises(ValueError, match=r"checkpoint upscales x2 but the dataset is x4"):
+        evaluate.evaluate_source(nearest, make_source(4), 4)
+
+
+def test_markdown_table():
+    res = {"set5": {"psnr": 30.0, "ssim": 0.9, "bicubic_psnr": 28.0, "bicubic_ssim": 0.8},
+           "urban100": {"psnr": 25.5, "ssim": 0.75, "bicubic_psnr": 23.1, "bicubic_ssim": 0.66}}
+    table = evaluate.markdown_table(res, 4, "iet_x4")
+    assert table.splitlines() == [
+        "| method | scale | Set5 | Urban100 |", "|---|---|---|---|",
+        "| bicubic | x4 | 28.00 / 0.8000 | 23.10 / 0.6600 |",
+        "| iet_x4 | x4 | 30.00 / 0.9000 | 25.50 / 0.7500 |"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny_x2"
+    checkpoint.save_model(directory, random_model(tiny_config(2)))
+    return directory
+
+
+@pytest.fixture
+def fake_datasets(monkeypatch):
+    """open_source over in-memory benchmarks; anything else is 'not built'."""
+    built = {("set5", "test"): make_source(2), ("demo", "validation"): make_source(2, ((16, 20),))}
+    calls = []
+
+    def open_source(name, split=None, scale=4, data_dir=None):
+        calls.append((name, split, scale, data_dir))
+        if (name, split) not in built or scale != 2:
+            raise datasets.DatasetNotBuiltError(
+                f"python -m iet_jax.datasets.build --dataset benchmark --name {name} --scale {scale}")
+        return built[name, split]
+
+    monkeypatch.setattr(datasets, "open_source", open_source)
+    return calls
+
+
+def test_cli_end_to_end(tiny_checkpoint, fake_datasets, tmp_path, capsys):
+    out, images = tmp_path / "results", tmp_path / "images"
+    code = evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "set5",
+                          "--tile", "12", "--tile-overlap", "4", "--save-images", str(images),
+                          "--output", str(out), "--no-progress", "--data-dir", "/data"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert fake_datasets == [("set5", "test", 2, "/data")]
+    assert "| bicubic | x2 |" in printed and "| tiny_x2 | x2 |" in printed
+    saved = json.loads((out / "results.json").read_text())
+    set5 = saved["datasets"]["set5"]
+    assert set5["count"] == 3 and np.isfinite(set5["psnr"]) and 0 < set5["ssim"] <= 1
+    assert saved["settings"]["tile"] == 12 and saved["settings"]["scale"] == 2
+    assert "| tiny_x2 | x2 |" in (out / "results.md").read_text()
+    assert sorted(p.name for p in (images / "set5").iterdir()) == ["img0.png", "img1.png",
+                                                                   "img2.png"]
+    # The same numbers straight from evaluate_source (the CLI adds nothing to them).
+    model = checkpoint.load_model(tiny_checkpoint)
+    direct = evaluate.evaluate_source(model, make_source(2), 2, tile=12, overlap=4)
+    assert direct["psnr"] == pytest.approx(set5["psnr"], abs=1e-9)
+    # The demo data's validation split.
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",
+                          "--dataset-split", "validation", "--tile", "12", "--tile-overlap", "4",
+                          "--no-progress"]) == 0
+
+
+def test_cli_errors(tiny_checkpoint, fake_datasets, tmp_path, capsys):
+    ck = str(tiny_checkpoint)
+    assert evaluate.main(["--checkpoint", ck, "--datasets", "set5,urban100"]) == 1
+    err = capsys.readouterr().err
+    assert "urban100 (x2) is not built" in err and "--name urban100 --scale 2" in err
+    assert evaluate.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert evaluate.main(["--checkpoint", str(tmp_path / "empty")]) == 2
+    assert "is not an iet-jax model checkpoint" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", ck, "--tile", "9"]) == 2
+    assert "minimum tile is 10" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", ck, "--scale", "4"]) == 2
+    assert "upscales x2, not x4" in capsys.readouterr().err
