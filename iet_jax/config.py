@@ -82,6 +82,7 @@ def model_config(**fields: Any) -> ml_collections.ConfigDict:
         # instead of atomic adds; matters for gather_impl "pallas" on GPU.
         gather_deterministic=False,
         merge="index",  # "index": official cut by token index; "rank": keep best first
+        remat=False,  # rematerialise each block in the backward pass (training memory)
     )
     unknown = set(fields) - set(cfg)
     if unknown:
@@ -170,14 +171,115 @@ def from_options_file(path: str | Path, **overrides: Any) -> ml_collections.Conf
     return from_network_g(options["network_g"], **overrides)
 
 
+# ----------------------------------------------------------------------------- training recipes
+
+# Official training recipes (options/train/*.yml, DESIGN.md section 5). `batch` is the global
+# batch: per-GPU batch x GPUs of the official runs. x3/x4 fine-tune from the x2 model.
+OFFICIAL_RECIPES: dict[tuple[str, int], dict[str, Any]] = {
+    ("iet", 2): dict(dataset="df2k", patch_size=58, batch_size=6 * 8, learning_rate=2e-4,
+                     num_steps=400_000, milestones=(250_000, 350_000, 375_000, 390_000),
+                     warmup_steps=10_000, init_from=""),
+    ("iet", 3): dict(dataset="df2k", patch_size=82, batch_size=3 * 8, learning_rate=2e-5,
+                     num_steps=250_000, milestones=(50_000, 70_000, 90_000, 95_000),
+                     warmup_steps=100, init_from="workdirs/iet_x2"),
+    ("iet", 4): dict(dataset="df2k", patch_size=56, batch_size=6 * 8, learning_rate=3e-5,
+                     num_steps=250_000, milestones=(50_000, 70_000, 90_000, 95_000),
+                     warmup_steps=1000, init_from="workdirs/iet_x2"),
+    ("iet_light", 2): dict(dataset="div2k", patch_size=78, batch_size=14 * 4,
+                           learning_rate=5e-4, num_steps=400_000,
+                           milestones=(200_000, 300_000, 350_000, 375_000, 390_000),
+                           warmup_steps=20_000, init_from=""),
+    ("iet_light", 3): dict(dataset="div2k", patch_size=78, batch_size=14 * 4,
+                           learning_rate=5e-4, num_steps=250_000,
+                           milestones=(25_000, 40_000, 50_000, 60_000), warmup_steps=10_000,
+                           init_from="workdirs/iet_light_x2"),
+    ("iet_light", 4): dict(dataset="div2k", patch_size=78, batch_size=14 * 4,
+                           learning_rate=5e-4, num_steps=250_000,
+                           milestones=(50_000, 70_000, 90_000, 100_000), warmup_steps=10_000,
+                           init_from="workdirs/iet_light_x2"),
+}
+# Muon's learning rate is this multiple of the base rate (the official `scale` option).
+MUON_LR_SCALE = {"iet": 5.0, "iet_light": 6.0}
+
+
 def recipe(variant: str, scale: int, settings: str | None = None) -> ml_collections.ConfigDict:
     """The top-level config of an official recipe: `configs/<name>.py[:train|:eval]`.
 
-    Training fields (data, optimiser, schedule) join `model` as the training loop lands.
+    `model` holds the network (official train or eval settings); the other fields drive
+    `python -m iet_jax.train` (see `training_config` for their meaning).
     """
     settings = settings or "train"
-    config = ml_collections.ConfigDict()
+    r = OFFICIAL_RECIPES[variant, scale]
+    config = training_config(
+        model=official(variant, scale, settings),
+        dataset=r["dataset"], patch_size=r["patch_size"], batch_size=r["batch_size"],
+        learning_rate=r["learning_rate"], num_steps=r["num_steps"],
+        milestones=r["milestones"], warmup_steps=r["warmup_steps"],
+        muon_lr_scale=MUON_LR_SCALE[variant], init_from=r["init_from"],
+    )
     config.name = f"{variant}_x{scale}"
     config.settings = settings
-    config.model = official(variant, scale, settings)
+    return config
+
+
+def training_config(*, model: ml_collections.ConfigDict, dataset: str, patch_size: int,
+                    batch_size: int, learning_rate: float, num_steps: int,
+                    milestones: tuple[int, ...], warmup_steps: int, muon_lr_scale: float,
+                    init_from: str = "") -> ml_collections.ConfigDict:
+    """A full training config: `model` plus data, optimiser, schedule, checkpoints, mesh."""
+    config = ml_collections.ConfigDict()
+    config.name = "custom"
+    config.settings = "train"
+    config.model = model
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict(dict(
+        dataset=dataset,  # iet_jax.datasets name ('div2k', 'df2k', 'demo', a folder build)
+        train_split="train",
+        data_dir="",  # '' -> $IET_DATA_DIR or ~/tensorflow_datasets
+        patch_size=patch_size,  # LR patch side; the HR patch is patch_size * scale
+        scale=model.scale,  # must equal model.scale
+        augment=True,  # flips and 90-degree rotations
+        val_dataset="set5",
+        val_split="test",
+        val_max_images=0,  # 0: all images of the validation split
+        val_crop=0,  # >0: validate on centre crops of this LR size (one compile, faster)
+    ))
+    # Global batch over all devices and hosts; it does not change with the device count.
+    config.batch_size = batch_size
+    config.num_steps = num_steps
+
+    config.optim = ml_collections.ConfigDict(dict(
+        learning_rate=learning_rate,  # base rate (Adam group); independent of device count
+        warmup_steps=warmup_steps,  # linear warm-up (BasicSR's rule)
+        milestones=tuple(milestones),  # the rate is multiplied by `gamma` at each
+        gamma=0.5,
+        weight_decay=1e-3,  # decoupled, scaled by the rate (PyTorch AdamW / Muon convention)
+        b1=0.9,
+        b2=0.99,
+        eps=1e-10,  # the official MuonWithAuxAdam's Adam epsilon
+        muon=True,  # 4-D conv kernels with Muon at muon_lr_scale x the rate; False: all Adam
+        muon_lr_scale=muon_lr_scale,
+        muon_momentum=0.95,
+        grad_clip_norm=0.0,  # >0: clip gradients to this global norm
+        grad_accum_steps=1,  # micro-batches per step (the global batch is split in these)
+    ))
+    config.ema_decay = 0.999  # 0 disables EMA (EMA weights then equal the parameters)
+    config.init_from = init_from  # x3/x4: a x2 training workdir or model dir ('' = scratch)
+    config.nonfinite = "stop"  # non-finite loss/gradients: "stop" or "skip" (and count)
+
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3  # the latest N are kept, plus the best by validation PSNR
+    config.async_checkpointing = True
+    config.eval_every = 1000  # validation (EMA weights) and a checkpoint carrying its PSNR
+    config.log_every = 100
+    config.val_images_to_log = 3  # LR-bicubic / SR / HR triplets in TensorBoard
+
+    # Device mesh (data, fsdp); -1 takes the remaining devices. The batch is split over
+    # both axes; parameters and optimiser state are replicated or sharded over fsdp.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.param_sharding = "replicate"  # or "fsdp"
+    # Multi-process: "auto" initialises jax.distributed when the environment describes
+    # several processes (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS, ...); "on" / "off".
+    config.distributed = "auto"
     return config
