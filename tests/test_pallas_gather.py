@@ -15,6 +15,8 @@ import pytest
 from iet_jax import ops
 from iet_jax import pallas_gather as pg
 
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
 # Shapes that exercise the masking: N not a multiple of the query block, K and d not powers
 # of two, K not a multiple of the slot chunk.
 H, N, K, D = 3, 37, 13, 10
@@ -105,3 +107,62 @@ def test_auto_resolution_and_names():
     assert ops.resolve("pallas", deterministic=True) == "pallas_deterministic"
     with pytest.raises(ValueError, match="not one of"):
         ops.resolve("triton")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_for_cuda(dtype):
+    """Forward and backward, both scatters, export for an H100 without a GPU: every gather is
+    a Triton call (six per step), so a kernel Triton cannot take fails here."""
+    from jax import export
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+
+    device = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((1,), ("x",), abstract_device=device)
+    b, h, n, k, d = 2, 3, 300, 45, 40  # K and d not powers of two
+    args = (jax.ShapeDtypeStruct((b, h, n, d), dtype),) * 3 + (
+        jax.ShapeDtypeStruct((b, h, n, k), jnp.int32),)
+    for deterministic in (False, True):
+        step = jax.jit(jax.value_and_grad(attention_loss, argnums=(0, 1, 2)),
+                       static_argnums=(4, 5))
+        with jax.sharding.use_abstract_mesh(mesh):
+            exported = export.export(
+                step, platforms=["cuda"],
+                disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+            )(*args, "pallas", deterministic)
+        assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 6
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    import test_pallas_gather as t
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.standard_normal((8, 2, t.N, t.D)), jnp.float32) for _ in range(3))
+    idx = t.lists(rng, (8, 2, t.N, t.K), t.N)
+    step = jax.jit(jax.value_and_grad(t.attention_loss, argnums=(0, 1, 2)), static_argnums=(4, 5))
+    want = step(q, k, v, idx, "pallas", False)  # no mesh: no shard_map
+    explicit, auto = jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto
+    for batch, spec, kind in ((8, P(("data", "fsdp")), explicit), (4, P("data"), auto)):
+        mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(kind, kind))
+        with jax.set_mesh(mesh):
+            put = lambda a: jax.device_put(a[:batch], NamedSharding(mesh, spec))
+            args = [put(a) for a in (q, k, v, idx)]
+            jaxpr = str(jax.make_jaxpr(step, static_argnums=(4, 5))(*args, "pallas", False))
+            assert jaxpr.count("shard_map") >= 6, jaxpr
+            got = step(*args, "pallas", False)
+        ref = want if batch == 8 else step(q[:4], k[:4], v[:4], idx[:4], "pallas", False)
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            t.close(g, r, 1e-5)  # another XLA program around the kernels: float32 rounding
+        assert got[1][1].sharding.spec[0] == spec[0], got[1][1].sharding
+    print("sharded ok")
+""")
+
+
+def test_pallas_under_mesh_uses_shard_map_and_matches():
+    """8 simulated CPU devices (a fresh process: this one has already started JAX)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(__file__))
+    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, text=True,
+                            capture_output=True, timeout=600)
+    assert result.returncode == 0 and "sharded ok" in result.stdout, result.stderr[-3000:]
