@@ -53,8 +53,13 @@ def save_model(directory: str | Path, model: IET, metadata: dict | None = None) 
     return directory
 
 
-def load_model(directory: str | Path, dtype: str | None = None) -> IET:
+def load_model(directory: str | Path, dtype: str | None = None, which: str | int = "latest"
+               ) -> IET:
     """Rebuild the model a checkpoint directory describes and fill in its parameters.
+
+    `directory` is a model directory (config.json + params/) or a training workdir
+    (`python -m iet_jax.train`); from a workdir the EMA weights of the `which` checkpoint
+    ('latest', 'best' by validation PSNR, or a step number) are loaded.
 
     `dtype` ('float32', 'bfloat16', 'float64') overrides the stored compute dtype; parameters
     are then kept in float32 for bfloat16 and float64 for float64.
@@ -62,6 +67,8 @@ def load_model(directory: str | Path, dtype: str | None = None) -> IET:
     directory = Path(directory).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if is_training_workdir(directory):
+        return load_training_model(directory, dtype=dtype, which=which)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file() or not (directory / PARAMS_DIR).is_dir():
         raise FileNotFoundError(
@@ -121,3 +128,74 @@ def _with_int_keys(tree):
         return tree
     return {int(k) if isinstance(k, str) and k.isdigit() else k: _with_int_keys(v)
             for k, v in tree.items()}
+
+
+# ----------------------------------------------------------------------------- training workdirs
+
+WORKDIR_CHECKPOINTS = "checkpoints"  # orbax CheckpointManager directory inside a workdir
+WORKDIR_WEIGHTS = "ema"  # the checkpoint item evaluated (EMA of the parameters)
+
+
+def is_training_workdir(directory: str | Path) -> bool:
+    """A directory written by `python -m iet_jax.train` (config.json + checkpoints/)."""
+    directory = Path(directory)
+    return (directory / CONFIG_FILE).is_file() and (directory / WORKDIR_CHECKPOINTS).is_dir()
+
+
+def workdir_steps(directory: str | Path) -> list[int]:
+    """Complete checkpoints of a training workdir (unfinished saves are not listed)."""
+    root = Path(directory) / WORKDIR_CHECKPOINTS
+    steps = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()
+             and (p / "_CHECKPOINT_METADATA").is_file()]
+    return sorted(steps)
+
+
+def workdir_step(directory: str | Path, which: str | int = "latest") -> int:
+    """The step of the 'latest' or 'best' (validation PSNR) checkpoint, or `which` itself."""
+    directory = Path(directory).absolute()
+    steps = workdir_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"training workdir {directory} has no complete checkpoint yet")
+    if which == "latest":
+        return steps[-1]
+    if which == "best":
+        scored = []
+        for step in steps:
+            meta = directory / WORKDIR_CHECKPOINTS / str(step) / "meta" / "metadata"
+            try:
+                psnr = json.loads(meta.read_text()).get("val_psnr")
+            except (OSError, ValueError):
+                psnr = None
+            if psnr is not None:
+                scored.append((psnr, step))
+        if not scored:
+            raise FileNotFoundError(f"no checkpoint of {directory} carries a validation PSNR")
+        return max(scored)[1]
+    step = int(which)
+    if step not in steps:
+        raise FileNotFoundError(f"training workdir {directory} has no checkpoint {step}; "
+                                f"it has {steps}")
+    return step
+
+
+def load_training_model(directory: str | Path, dtype: str | None = None,
+                        which: str | int = "latest") -> IET:
+    """The EMA weights of a training checkpoint, in the model the workdir's config.json holds."""
+    directory = Path(directory).absolute()
+    step = workdir_step(directory, which)
+    overrides = {} if dtype is None else dtype_fields(dtype)
+    config = config_from_json((directory / CONFIG_FILE).read_text(), **overrides)
+    graphdef, state = nnx.split(abstract_model(config))
+    target = nnx.to_pure_dict(state)
+    path = directory / WORKDIR_CHECKPOINTS / str(step) / WORKDIR_WEIGHTS
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        # Saved from a device mesh; restore onto one local device whatever the mesh was.
+        stored = checkpointer.metadata(path).item_metadata.tree
+        _check_tree(directory, target, _with_int_keys(stored))
+        stored = checkpointer.restore(path, jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), stored))
+    restored = jax.tree_util.tree_map(
+        lambda ref, value: jnp.asarray(value, ref.dtype), target, _with_int_keys(stored))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
