@@ -137,6 +137,27 @@ def markdown_table(results: dict[str, dict], scale: int, label: str) -> str:
     return "\n".join(lines)
 
 
+def parse_datasets(spec: str, split: str | None = None) -> list[tuple[str, str]]:
+    """'set5,demo:validation' -> [('set5', 'test'), ('demo', 'validation')].
+
+    The split of a name without one is `split` if given, else 'test' for the benchmarks and
+    'validation' for anything else (the demo data, DIV2K).
+    """
+    out = []
+    for item in spec.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        name, _, own = item.partition(":")
+        default = "test" if name in DEFAULT_DATASETS else "validation"
+        out.append((name, own or split or default))
+    if not out:
+        raise ValueError("--datasets names no dataset")
+    if len({n for n, _ in out}) != len(out):
+        raise ValueError(f"--datasets names a dataset twice: {spec}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m iet_jax.evaluate",
@@ -144,11 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="model directory (config.json + params/) or what load_model accepts")
     p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS),
-                   help="comma-separated dataset names (default %(default)s)")
+                   help="comma-separated dataset names, each optionally NAME:SPLIT "
+                        "(default %(default)s)")
     p.add_argument("--data-dir", default=None,
                    help="where datasets are built (default $IET_DATA_DIR or ~/tensorflow_datasets)")
-    p.add_argument("--dataset-split", default="test",
-                   help="split to evaluate: 'test' for benchmarks, 'validation' for demo/div2k")
+    p.add_argument("--dataset-split", default=None,
+                   help="split for every dataset (default: 'test' for the benchmarks, "
+                        "'validation' for others such as demo and div2k)")
     p.add_argument("--scale", type=int, default=None,
                    help="expected scale; refused if the checkpoint's differs")
     p.add_argument("--self-ensemble", action="store_true", help="x8 self-ensemble")
@@ -169,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = [n.strip().lower() for n in args.datasets.split(",") if n.strip()]
-    if not names:
-        print("error: --datasets names no dataset", file=sys.stderr)
+    try:
+        wanted = parse_datasets(args.datasets, args.dataset_split)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     from iet_jax import checkpoint
 
@@ -191,10 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     from iet_jax import datasets
 
     sources, problems = {}, []
-    for name in names:  # open every dataset first: fail before any compute
+    for name, split in wanted:  # open every dataset first: fail before any compute
         try:
-            sources[name] = datasets.open_source(name, args.dataset_split, scale,
-                                                 data_dir=args.data_dir)
+            sources[name] = datasets.open_source(name, split, scale, data_dir=args.data_dir)
         except datasets.DatasetNotBuiltError as e:
             problems.append(f"dataset {name} (x{scale}) is not built; build it with:\n  {e}")
         except (FileNotFoundError, ValueError) as e:
@@ -205,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     label = Path(args.checkpoint).name or "model"
     settings = {"checkpoint": str(Path(args.checkpoint).absolute()), "scale": scale,
-                "split": args.dataset_split, "self_ensemble": args.self_ensemble,
+                "splits": dict(wanted), "self_ensemble": args.self_ensemble,
                 "tile": args.tile, "tile_overlap": args.tile_overlap if args.tile else None,
                 "dtype": str(model.config.dtype), "limit": args.limit,
                 "metric": "PSNR (dB) / SSIM on Y (BT.601), uint8, border = scale"}
@@ -236,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             "x8 self-ensemble" if args.self_ensemble else "",
             f"tiles {args.tile} (overlap {args.tile_overlap})" if args.tile else "") if s)
         md = (f"# {label} x{scale}\n\nPSNR (dB) / SSIM on the Y channel, {scale} border pixels "
-              f"cropped, split `{args.dataset_split}`" + (f", {extras}" if extras else "")
+              "cropped; splits: " + ", ".join(f"{n} `{sp}`" for n, sp in wanted)
+              + (f"; {extras}" if extras else "")
               + f".\n\n{table}\n")
         (out / "results.md").write_text(md)
         print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")

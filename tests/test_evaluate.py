@@ -49,6 +49,15 @@ def test_scale_mismatch_is_explained():
         evaluate.evaluate_source(nearest, make_source(4), 4)
 
 
+def test_dataset_names_and_splits():
+    assert evaluate.parse_datasets("Set5, demo:train,div2k") == [
+        ("set5", "test"), ("demo", "train"), ("div2k", "validation")]
+    assert evaluate.parse_datasets("set5,demo", "validation") == [
+        ("set5", "validation"), ("demo", "validation")]
+    with pytest.raises(ValueError, match="twice"):
+        evaluate.parse_datasets("set5,set5")
+
+
 def test_markdown_table():
     res = {"set5": {"psnr": 30.0, "ssim": 0.9, "bicubic_psnr": 28.0, "bicubic_ssim": 0.8},
            "urban100": {"psnr": 25.5, "ssim": 0.75, "bicubic_psnr": 23.1, "bicubic_ssim": 0.66}}
@@ -103,10 +112,11 @@ def test_cli_end_to_end(tiny_checkpoint, fake_datasets, tmp_path, capsys):
     model = checkpoint.load_model(tiny_checkpoint)
     direct = evaluate.evaluate_source(model, make_source(2), 2, tile=12, overlap=4)
     assert direct["psnr"] == pytest.approx(set5["psnr"], abs=1e-9)
-    # The demo data's validation split.
+    # The demo data's validation split (the default split for non-benchmarks).
+    fake_datasets.clear()
     assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",
-                          "--dataset-split", "validation", "--tile", "12", "--tile-overlap", "4",
-                          "--no-progress"]) == 0
+                          "--tile", "12", "--tile-overlap", "4", "--no-progress"]) == 0
+    assert fake_datasets == [("demo", "validation", 2, None)]
 
 
 def test_cli_errors(tiny_checkpoint, fake_datasets, tmp_path, capsys):
