@@ -189,12 +189,16 @@ def load_training_model(directory: str | Path, dtype: str | None = None,
     target = nnx.to_pure_dict(state)
     path = directory / WORKDIR_CHECKPOINTS / str(step) / WORKDIR_WEIGHTS
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as checkpointer:
-        # Saved from a device mesh; restore onto one local device whatever the mesh was.
-        stored = checkpointer.metadata(path).item_metadata.tree
+    # One item of a CheckpointManager step: read it with its handler. It was saved from a
+    # device mesh; restore it onto one local device whatever that mesh was.
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        stored = handler.metadata(path).tree
         _check_tree(directory, target, _with_int_keys(stored))
-        stored = checkpointer.restore(path, jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), stored))
+        stored = handler.restore(path, args=ocp.args.StandardRestore(jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), stored)))
+    finally:
+        handler.close()
     restored = jax.tree_util.tree_map(
         lambda ref, value: jnp.asarray(value, ref.dtype), target, _with_int_keys(stored))
     nnx.replace_by_pure_dict(state, restored)

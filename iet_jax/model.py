@@ -287,7 +287,10 @@ class IET(nnx.Module):
         t = self.patch_norm(f)
         state = attention.AttnState(idx=None, attn=None)
         for block in self.blocks:
-            t, state = block(t, state, initial)
+            if cfg.get("remat", False):  # recompute the block's activations in the backward pass
+                t, state = nnx.remat(lambda b, t, s: b(t, s, initial))(block, t, state)
+            else:
+                t, state = block(t, state, initial)
         f = self.conv_after_body(self.norm(t)) + f
         y = self.upsample(f) / cfg.img_range + mean
         return y[:, : height * cfg.scale, : width * cfg.scale]

@@ -77,8 +77,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if data.patch_size < need:
         what = (f"the attention window needs model.sparse_range x model.dilation = "
                 f"{model_cfg.sparse_range} x {model_cfg.dilation} = {window} tokens"
-                if window >= model_cfg.img_size else
-                f"the model pads training inputs to model.img_size = {model_cfg.img_size}")
+                if data.patch_size < window else
+                f"the model pads training inputs to model.img_size = {model_cfg.img_size} "
+                f"(lower model.img_size too)")
         raise ConfigError(f"data.patch_size {data.patch_size} is too small: {what}; use "
                           f"data.patch_size >= {need}")
     positive = {"batch_size": config.batch_size, "num_steps": config.num_steps,
@@ -239,7 +240,7 @@ def make_train_step(config, graphdef, tx, schedule, compute_dtype):
             (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), acc_dtype), zeros), micro)
             loss = loss / accum
             grads = jax.tree.map(lambda g: g / accum, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ts.ema_update(state.ema, params, decay)
@@ -536,13 +537,13 @@ def main(argv=None) -> int:
     from absl import app, flags
     from ml_collections import config_flags
 
+    argv = list(sys.argv if argv is None else argv)
     flags_ = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "training config file, e.g. configs/demo.py or configs/iet_x2.py:train",
-        flag_values=flags_, lock_config=True)
+        flag_values=flags_, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "where checkpoints and logs go (resumes if present)",
                         flag_values=flags_)
-    argv = list(sys.argv if argv is None else argv)
     try:
         flags_(argv)
     except flags.Error as e:

@@ -1,0 +1,214 @@
+"""Training loop: a tiny run on synthetic images (loss falls, EMA follows its decay, resumable
+workdir that load_model reads), and configurations refused before any compute.
+
+`tiny_config` and `synthetic_source` are also used by the subprocess tests in
+test_train_sharded.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from iet_jax import checkpoint, config as config_lib, train
+from iet_jax import train_state as ts
+from iet_jax.imresize import imresize
+from iet_jax.sharding import ConfigError
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def tiny_config(*, scale: int = 2, patch: int = 8, batch: int = 4, steps: int = 6,
+                dtype: str = "float32"):
+    """IET-light-shaped, 2 blocks of one layer, 3x3 dense + 5x5 sparse windows."""
+    model = config_lib.model_config(
+        embed_dim=12, nattn_dim=12, num_heads=2, depths=(1, 1), mlp_ratio=1.0,
+        convffn_kernel_size=3, upsampler="pixelshuffledirect", scale=scale, local_range=3,
+        sparse_range=5, dilation=1, img_size=patch, topk_focus=((34,), (12,)),
+        topk_prop_1=(4, 0), topk_prop_2=(2, 0), topk_prop_3=(6, 0), dtype=dtype,
+        param_dtype=dtype)
+    cfg = config_lib.training_config(
+        model=model, dataset="synthetic", patch_size=patch, batch_size=batch,
+        learning_rate=2e-3, num_steps=steps, milestones=(steps - 1,), warmup_steps=2,
+        muon_lr_scale=6.0)
+    cfg.checkpoint_every = 1
+    cfg.keep_checkpoints = 10
+    cfg.eval_every = 0
+    cfg.log_every = 1
+    cfg.data.val_crop = 12
+    return cfg
+
+
+def synthetic_source(n: int, seed: int, size: int = 24, scale: int = 2) -> list[dict]:
+    """Smooth random colour images (bicubic-enlarged noise) with their bicubic LR."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        hr = imresize(rng.random((6, 6, 3)) * 255.0, size / 6)
+        hr = np.clip(np.round(hr), 0, 255).astype(np.uint8)
+        lr = np.clip(np.round(imresize(hr.astype(np.float64), 1 / scale)), 0, 255)
+        out.append({"hr": hr, "lr": lr.astype(np.uint8), "name": f"img{i}"})
+    return out
+
+
+def read_item(workdir, step: int, item: str):
+    """A checkpoint item as NumPy arrays (restored onto one device)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(workdir) / "checkpoints" / str(step) / item
+    handler = ocp.StandardCheckpointHandler()
+    meta = handler.metadata(path).tree
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
+                          meta)
+    out = handler.restore(path, args=ocp.args.StandardRestore(target))
+    handler.close()
+    return jax.tree.map(np.asarray, out)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(steps=8)
+    cfg.eval_every = 8
+    summary = train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0),
+                                       val_source=synthetic_source(2, 1))
+    return cfg, workdir, summary
+
+
+def test_loss_decreases_and_validation_runs(run):
+    cfg, workdir, summary = run
+    losses = [loss for _, loss in summary["history"]]
+    assert len(losses) == 8
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    assert summary["validation"]["step"] == 8
+    assert np.isfinite(summary["validation"]["psnr"])
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 9))
+    assert any("val/psnr" in r for r in records)
+    assert {"train/lr", "train/grad_norm"} <= set(records[0])
+
+
+def test_ema_follows_decay_exactly(run):
+    cfg, workdir, _ = run
+    d = cfg.ema_decay
+    ema4, ema5 = read_item(workdir, 4, "ema"), read_item(workdir, 5, "ema")
+    params5 = read_item(workdir, 5, "params")
+    expect = jax.tree.map(lambda e, p: np.float32(d) * e + np.float32(1 - d) * p, ema4, params5)
+    for got, want, p in zip(jax.tree.leaves(ema5), jax.tree.leaves(expect),
+                            jax.tree.leaves(params5)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    # and the EMA really lags the parameters
+    diff = max(float(np.abs(e - p).max()) for e, p in zip(jax.tree.leaves(ema5),
+                                                           jax.tree.leaves(params5)))
+    assert diff > 1e-4
+
+
+def test_workdir_layout_and_load_model(run):
+    cfg, workdir, summary = run
+    assert checkpoint.is_training_workdir(workdir)
+    assert checkpoint.workdir_steps(workdir)[-1] == 8
+    assert checkpoint.workdir_step(workdir, "best") == 8
+    model = checkpoint.load_model(workdir)
+    ema = read_item(workdir, 8, "ema")
+    from flax import nnx
+    loaded = checkpoint._with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(ema)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    meta = json.loads((workdir / "checkpoints" / "8" / "loader" / "metadata").read_text())
+    assert meta["step"] == 8  # the input position: the next batch is batch 8
+
+
+def test_rerun_after_the_end_resumes_without_training(run):
+    cfg, workdir, summary = run
+    again = train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
+    assert again["start_step"] == 8 and again["history"] == [] and again["step"] == 8
+
+
+# ----------------------------------------------------------------------------- refused configs
+
+
+def _refused(cfg, match, tmp_path, **kw):
+    with pytest.raises(ConfigError, match=match):
+        train.train_and_evaluate(cfg, tmp_path / "wd", **kw)
+    assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_patch_smaller_than_window_is_refused(tmp_path):
+    cfg = tiny_config()
+    cfg.data.patch_size = 4  # sparse_range 5 x dilation 1 = 5 tokens needed
+    _refused(cfg, r"data\.patch_size 4 .*sparse_range x model\.dilation", tmp_path,
+             train_source=synthetic_source(2, 0))
+    official = config_lib.recipe("iet_light", 2)
+    official.data.patch_size = 64
+    with pytest.raises(ConfigError, match=r"data\.patch_size 64 .*= 75 tokens"):
+        train.validate_config(official)
+
+
+def test_batch_not_divisible_by_devices_is_refused(tmp_path):
+    cfg = tiny_config(batch=4)
+    cfg.optim.grad_accum_steps = 3
+    with pytest.raises(ConfigError, match=r"batch_size 4 .*optim\.grad_accum_steps 3"):
+        train.validate_config(cfg)
+    cfg = tiny_config(batch=3)
+    cfg.mesh.data = 2  # needs 2 devices: refused by the mesh before anything else
+    _refused(cfg, r"mesh\.data x mesh\.fsdp = 2 x 1", tmp_path,
+             train_source=synthetic_source(2, 0))
+
+
+def test_init_from_other_architecture_is_refused(tmp_path):
+    other = tmp_path / "x2"
+    other.mkdir()
+    light = config_lib.official("iet_light", 2, "train")
+    (other / "config.json").write_text(checkpoint.config_to_json(light))
+    cfg = config_lib.recipe("iet", 3)
+    cfg.init_from = str(other)
+    with pytest.raises(ConfigError, match=r"(?s)init_from: .*another architecture.*model\.embed_dim"):
+        train.validate_config(cfg)
+    cfg.init_from = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match=r"(?s)init_from: .*missing.*init_from=''"):
+        train.validate_config(cfg)
+
+
+def test_missing_dataset_is_refused_with_build_command(tmp_path):
+    cfg = tiny_config()
+    cfg.data.dataset = "demo"
+    cfg.data.data_dir = str(tmp_path / "no_data")
+    _refused(cfg, r"(?s)data\.dataset 'demo' .*not built; build it with:\n.*iet_jax\.datasets\.build",
+             tmp_path)
+
+
+def test_other_fields_are_named(tmp_path):
+    for field, value, match in [("nonfinite", "ignore", "nonfinite"),
+                                ("param_sharding", "zero3", "param_sharding"),
+                                ("ema_decay", 1.0, "ema_decay"),
+                                ("batch_size", 0, "batch_size")]:
+        cfg = tiny_config()
+        cfg[field] = value
+        with pytest.raises(ConfigError, match=match):
+            train.validate_config(cfg)
+    cfg = tiny_config()
+    cfg.data.scale = 3
+    with pytest.raises(ConfigError, match=r"data\.scale \(3\) must equal model\.scale \(2\)"):
+        train.validate_config(cfg)
+
+
+def test_command_line_overrides_and_refusal(tmp_path, capsys):
+    rc = train.main(["train", f"--config={CONFIGS / 'demo.py'}", f"--workdir={tmp_path / 'wd'}",
+                     "--config.data.patch_size=4", "--config.batch_size=32",
+                     "--config.model.dtype=bfloat16"])
+    assert rc == 2
+    assert "data.patch_size 4" in capsys.readouterr().err
+
+
+def test_official_recipes_validate():
+    for variant in ("iet", "iet_light"):
+        for scale in (2, 3, 4):
+            cfg = config_lib.recipe(variant, scale)
+            if scale > 2:
+                cfg.init_from = ""
+            train.validate_config(cfg)
