@@ -195,9 +195,11 @@ class Upscaler:
         else:
             self._def, self._state = model, None
 
+    def _dispatch(self, x: np.ndarray) -> jax.Array:
+        return _run(self._def, self.self_ensemble, self._state, jnp.asarray(x, jnp.float32))
+
     def _call(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(_run(self._def, self.self_ensemble, self._state,
-                               jnp.asarray(x, jnp.float32)))
+        return np.asarray(self._dispatch(x))
 
     def __call__(self, images) -> np.ndarray:
         """Upscale HWC or NHWC float images in [0, 1]; float32 NumPy out, same rank."""
@@ -226,18 +228,26 @@ class Upscaler:
         out = np.zeros((h * s, w * s, 3), np.float32)  # host memory: 16 bytes per HR pixel
         wsum = np.zeros((h * s, w * s, 1), np.float32)
         jobs = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+
+        def accumulate(chunk, result):
+            for (i, j), tile_out in zip(chunk, np.asarray(result)):
+                weight = np.outer(wy[i], wx[j]).astype(np.float32)[..., None]
+                y0, x0 = ys[i] * s, xs[j] * s
+                out[y0:y0 + t * s, x0:x0 + t * s] += weight * tile_out
+                wsum[y0:y0 + t * s, x0:x0 + t * s] += weight
+
+        pending = None
         for b in range(0, len(jobs), self.tile_batch):
             chunk = jobs[b:b + self.tile_batch]
             batch = np.stack([img[ys[i]:ys[i] + t, xs[j]:xs[j] + t] for i, j in chunk])
             if len(chunk) < self.tile_batch:  # keep the compiled shape
                 fill = np.repeat(batch[-1:], self.tile_batch - len(chunk), axis=0)
                 batch = np.concatenate([batch, fill])
-            result = self._call(batch)
-            for (i, j), tile_out in zip(chunk, result):
-                weight = np.outer(wy[i], wx[j]).astype(np.float32)[..., None]
-                y0, x0 = ys[i] * s, xs[j] * s
-                out[y0:y0 + t * s, x0:x0 + t * s] += weight * tile_out
-                wsum[y0:y0 + t * s, x0:x0 + t * s] += weight
+            result = self._dispatch(batch)  # asynchronous: blend the previous batch meanwhile
+            if pending is not None:
+                accumulate(*pending)
+            pending = (chunk, result)
+        accumulate(*pending)
         out /= wsum
         return out[:height * s, :width * s]
 
