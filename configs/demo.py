@@ -10,27 +10,26 @@ and small windows (5x5 dense + 7x7 sparse, dilation 1), so 24-pixel LR patches s
 from iet_jax import config as config_lib
 
 SCALE = 2
-PATCH = 24
+PATCH = 16
 
 
 def get_config(settings: str | None = None):
     del settings
     model = config_lib.model_config(
-        embed_dim=24, nattn_dim=24, num_heads=3, depths=(1,) * 8, mlp_ratio=1.0,
+        embed_dim=24, nattn_dim=24, num_heads=3, depths=(1,) * 4, mlp_ratio=1.0,
         convffn_kernel_size=5, upsampler="pixelshuffledirect", scale=SCALE,
         local_range=5, sparse_range=7, dilation=1, img_size=PATCH,
-        topk_focus=((36,), (36,), (24,), (24,), (16,), (16,), (12,), (12,)),
-        topk_prop_1=(6, 5, 4, 3, 0, 0, 0, 0), topk_prop_2=(4, 3, 3, 2, 0, 0, 0, 0),
-        topk_prop_3=(12, 10, 8, 6, 0, 0, 0, 0),
+        topk_focus=((36,), (24,), (24,), (16,)),
+        topk_prop_1=(6, 4, 0, 0), topk_prop_2=(4, 3, 0, 0), topk_prop_3=(12, 8, 0, 0),
     )
     config = config_lib.training_config(
-        model=model, dataset="demo", patch_size=PATCH, batch_size=8, learning_rate=1e-3,
-        num_steps=400, milestones=(300,), warmup_steps=20, muon_lr_scale=6.0,
+        model=model, dataset="demo", patch_size=PATCH, batch_size=4, learning_rate=2e-3,
+        num_steps=300, milestones=(200,), warmup_steps=20, muon_lr_scale=6.0,
     )
     config.name = "demo"
     config.data.val_dataset = "demo"
     config.data.val_split = "validation"
-    config.data.val_crop = 64
+    config.data.val_crop = 48
     config.checkpoint_every = 100
     config.eval_every = 100
     config.log_every = 10
