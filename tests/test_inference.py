@@ -168,15 +168,16 @@ def test_input_checks():
 
 
 # ---------------------------------------------------------------- the real network, tiny
-# Bound for the tiny random-weight IET below (tile 16, overlap 6, on a 40x52 photo crop):
-# tiled and whole-image outputs agree to at least this PSNR (dB, on Y, uint8-rounded).
-TINY_TILED_PSNR_BOUND = 35.0
+# Bound for the tiny random-weight IET below (tile 12, overlap 6, on a 40x52 photo crop; 34.2
+# measured): tiled and whole-image outputs agree to at least this PSNR (dB, Y, uint8-rounded).
+# Tile 12 is the tiles' compiled shape in the CLI tests too, so a worker compiles it once.
+TINY_TILED_PSNR_BOUND = 32.0
 
 
 def test_tiny_iet_tiled_close_to_whole_and_compiles_once():
     model = random_model(tiny_config())
     x = photo(40, 52)
-    up = inference.Upscaler(model, tile=16, overlap=6)
+    up = inference.Upscaler(model, tile=12, overlap=6)
     whole = inference.Upscaler(model)(x)
     tiled = up(x)
     assert tiled.shape == whole.shape == (80, 104, 3)
