@@ -24,13 +24,14 @@ def get_config(settings: str | None = None):
     )
     config = config_lib.training_config(
         model=model, dataset="demo", patch_size=PATCH, batch_size=4, learning_rate=2e-3,
-        num_steps=300, milestones=(200,), warmup_steps=20, muon_lr_scale=6.0,
+        num_steps=500, milestones=(400,), warmup_steps=20, muon_lr_scale=6.0,
     )
     config.name = "demo"
     config.data.val_dataset = "demo"
     config.data.val_split = "validation"
     config.data.val_crop = 48
-    config.checkpoint_every = 100
-    config.eval_every = 100
+    config.ema_decay = 0.98  # a short run: EMA over the last ~50 steps (recipes: 0.999)
+    config.checkpoint_every = 250
+    config.eval_every = 250
     config.log_every = 10
     return config

@@ -45,6 +45,9 @@ ARCHITECTURE_FIELDS = ("embed_dim", "nattn_dim", "depths", "num_heads", "convffn
                        "mlp_ratio", "local_range", "upsampler")
 
 
+_STEP_CACHE: dict = {}  # the last jitted train step (compiled once per config and process)
+
+
 class NonFiniteError(FloatingPointError):
     """Loss or gradients became NaN/inf (config.nonfinite = 'stop')."""
 
@@ -449,9 +452,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                                       opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
                 if lead and fresh:
                     print(f"init_from {config.init_from}: freshly initialised {fresh}")
-        step_fn = jax.jit(make_train_step(config, graphdef, tx, schedule, compute_dtype),
-                          in_shardings=(shardings, batch_sharding),
-                          out_shardings=(shardings, replicated), donate_argnums=(0,))
+        key = (model_cfg.to_json(), config.optim.to_json(), float(config.ema_decay),
+               config.param_sharding, tuple(mesh.device_ids.flat), tuple(mesh.shape.items()))
+        step_fn = _STEP_CACHE.get(key)
+        if step_fn is None:  # kept per config, so another run in this process reuses it
+            step_fn = jax.jit(make_train_step(config, graphdef, tx, schedule, compute_dtype),
+                              in_shardings=(shardings, batch_sharding),
+                              out_shardings=(shardings, replicated), donate_argnums=(0,))
+            _STEP_CACHE.clear()
+            _STEP_CACHE[key] = step_fn
         validator = (Validator(val_source, config, graphdef, shardings.ema, mesh, compute_dtype)
                      if config.eval_every and val_source is not None else None)
         logger = Logger(workdir, start, config.num_steps, lead)
