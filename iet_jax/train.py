@@ -419,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         seed = config.seed
         params = init_params(model_cfg, seed)
         return ts.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, ema=params,
+            step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
             opt_state=tx.init(params),
             rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32))
 
@@ -447,8 +447,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             state = jax.jit(create, out_shardings=shardings)()
             if config.init_from:
                 params, fresh = load_init_params(config.init_from, jax.device_get(state.params))
+                params = jax.device_get(params)
+                ema = jax.device_put(params, shardings.ema)  # separate buffers: both donated
                 params = jax.device_put(params, shardings.params)
-                state = state.replace(params=params, ema=params,
+                state = state.replace(params=params, ema=ema,
                                       opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
                 if lead and fresh:
                     print(f"init_from {config.init_from}: freshly initialised {fresh}")

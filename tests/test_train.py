@@ -222,3 +222,20 @@ def test_official_recipes_validate():
             if scale > 2:
                 cfg.init_from = ""
             train.validate_config(cfg)
+
+
+def test_bfloat16_keeps_float32_state_and_remat_rematerialises():
+    cfg = tiny_config()
+    cfg.model.dtype = "bfloat16"
+    cfg.model.remat = True
+    model_cfg = train.validate_config(cfg)
+    assert (model_cfg.dtype, model_cfg.param_dtype) == ("bfloat16", "float32")
+    params = jax.eval_shape(lambda: train.init_params(model_cfg, 0))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+    from flax import nnx
+    graphdef, _ = nnx.split(checkpoint.abstract_model(model_cfg))
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), np.float32)
+    loss = lambda p, x: train.apply_model(graphdef, p, x, train=True).astype(np.float32).mean()
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, x))
+    assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= 2  # one per block
+    assert "bf16" in jaxpr
