@@ -11,18 +11,14 @@ beyond which candidates top-k keeps.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iet_jax import checkpoint, config
+from iet_jax import benchmarking, checkpoint, config
 from iet_jax.model import IET
 
 
@@ -32,14 +28,7 @@ def measure(name: str, settings: str, size: int, batch: int, dtype: str, repeats
     model = IET(cfg, rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.key(0), (batch, size, size, 3), jnp.dtype(dtype))
     forward = nnx.jit(lambda m, x: m(x))
-    start = time.perf_counter()
-    forward(model, x).block_until_ready()
-    first = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(model, x).block_until_ready()
-        runs.append(time.perf_counter() - start)
+    first, runs = benchmarking.time_call(lambda: forward(model, x).block_until_ready(), repeats)
     steady = statistics.median(runs)
     return dict(model=name, settings=settings, input=[batch, size, size, 3], dtype=dtype,
                 tokens_after_padding=max(size, model.min_size()) ** 2,
@@ -62,19 +51,14 @@ def main() -> None:
         jax.config.update("jax_enable_x64", True)
     rows = [measure(m, args.settings, args.size, args.batch, args.dtype, args.repeats)
             for m in args.models.split(",")]
-    device = jax.devices()[0]
-    machine = dict(backend=jax.default_backend(), device=device.device_kind,
-                   cpu_count=os.cpu_count(), processor=platform.processor() or platform.machine(),
-                   jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+    machine = benchmarking.machine_info()
     print(f"{'model':14s} {'input':>16s} {'dtype':>8s} {'compile s':>10s} {'forward s':>10s}")
     for r in rows:
         shape = "x".join(map(str, r["input"]))
         print(f"{r['model']:14s} {shape:>16s} {r['dtype']:>8s} {r['compile_s_estimate']:>10.2f} "
               f"{r['forward_s']:>10.2f}")
     print(f"on {machine['backend']} ({machine['cpu_count']} cores), jax {machine['jax']}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(dict(machine=machine, results=rows), indent=2) + "\n")
-    print(f"wrote {args.output}")
+    benchmarking.write_results(args.output, rows)
 
 
 if __name__ == "__main__":
