@@ -81,7 +81,7 @@ def test_optimizer_groups_update_as_configured():
     params = {"conv": jax.random.normal(key, (3, 3, 4, 8)), "bias": jnp.ones((8,)),
               "linear": jnp.ones((8, 16))}
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
     lr, wd = cfg.learning_rate, cfg.weight_decay
     for name in ("bias", "linear"):  # Adam's first step is lr * g/|g| (eps negligible)
         want = -lr * (np.sign(grads[name]) + wd * params[name])

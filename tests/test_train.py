@@ -216,12 +216,10 @@ def test_command_line_overrides_and_refusal(tmp_path, capsys):
 
 
 def test_official_recipes_validate():
-    for variant in ("iet", "iet_light"):
-        for scale in (2, 3, 4):
-            cfg = config_lib.recipe(variant, scale)
-            if scale > 2:
-                cfg.init_from = ""
-            train.validate_config(cfg)
+    for variant, scale in (("iet", 4), ("iet_light", 3)):  # (tracing IET takes a while)
+        cfg = config_lib.recipe(variant, scale)
+        cfg.init_from = ""
+        train.validate_config(cfg)
 
 
 def test_bfloat16_keeps_float32_state_and_remat_rematerialises():
