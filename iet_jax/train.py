@@ -16,9 +16,7 @@ Semantics:
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -545,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
 
 
 def main(argv=None) -> int:
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     argv = list(sys.argv if argv is None else argv)

@@ -22,7 +22,6 @@ from typing import Any
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 

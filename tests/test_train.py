@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from iet_jax import checkpoint, config as config_lib, train
-from iet_jax import train_state as ts
 from iet_jax.imresize import imresize
 from iet_jax.sharding import ConfigError
 
