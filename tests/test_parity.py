@@ -46,10 +46,10 @@ def official_model(meta) -> IET:
 def test_fixtures_cover_the_matrix():
     metas = [load_case(n)[1] for n in FORWARD_CASES]
     variants = {(m["network_g"]["upsampler"], m["network_g"]["upscale"]) for m in metas}
-    # Still missing (issue #2 stays open): classical x4 (test and the dilation-2 train case).
-    assert variants == {("pixelshuffle", 2), ("pixelshuffle", 3)} | {
-        ("pixelshuffledirect", s) for s in (2, 3, 4)}
+    assert variants == {(upsampler, s) for upsampler in ("pixelshuffle", "pixelshuffledirect")
+                        for s in (2, 3, 4)}
     assert {"train", "test"} <= {Path(m["options_file"]).parent.name for m in metas}
+    assert any(m["network_g"]["dilation"] == 2 for m in metas)
     assert GRADIENT_CASES
 
 
