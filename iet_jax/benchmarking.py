@@ -49,6 +49,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def default_output(stem: str, quick: bool = False) -> Path:
+    """benchmarks/results/<stem>_<platform>[_quick].json"""
+    suffix = "_quick" if quick else ""
+    return Path(f"benchmarks/results/{stem}_{jax.default_backend()}{suffix}.json")
+
+
 def write_results(path: Path, rows: list[dict], **extra) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = dict(machine=machine_info(), **extra, results=rows)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -70,9 +69,7 @@ def main() -> None:
         ("model", "model"), ("input", "LR input"), ("dtype", "dtype"), ("mode", "mode"),
         ("latency_s", "latency s"), ("first_call_s", "first call s"),
         ("peak_memory_gib", "peak GiB"), ("error", "error")])
-    platform = jax.default_backend()
-    output = args.output or Path(
-        f"benchmarks/results/inference_{platform}{'_quick' if args.quick else ''}.json")
+    output = args.output or benchmarking.default_output("inference", args.quick)
     benchmarking.write_results(output, rows)
 
 

@@ -140,9 +140,7 @@ def main() -> None:
         ("model", "model"), ("patch", "LR patch"), ("batch", "batch"), ("dtype", "dtype"),
         ("remat", "remat"), ("images_per_s", "images/s"), ("step_s", "step s"),
         ("peak_memory_gib", "peak GiB"), ("largest_batch", "max batch"), ("error", "error")])
-    platform = jax.default_backend()
-    output = args.output or Path(
-        f"benchmarks/results/train_step_{platform}{'_quick' if args.quick else ''}.json")
+    output = args.output or benchmarking.default_output("train_step", args.quick)
     benchmarking.write_results(output, rows)
 
 
