@@ -269,7 +269,8 @@ class Validator:
     """PSNR/SSIM (Y, crop = scale) of the EMA weights on the validation images."""
 
     def __init__(self, source, config, graphdef, param_shardings, mesh, compute_dtype):
-        from iet_jax import imresize, metrics
+        from iet_jax import metrics
+        from iet_jax.evaluate import bicubic_upscale
 
         self.metrics = metrics
         self.scale = config.data.scale
@@ -286,8 +287,7 @@ class Validator:
                 lr = lr[y0:y0 + ch, x0:x0 + cw]
                 hr = hr[y0 * self.scale:(y0 + ch) * self.scale,
                         x0 * self.scale:(x0 + cw) * self.scale]
-            bicubic = np.clip(np.round(imresize.imresize(lr.astype(np.float64), self.scale)),
-                              0, 255).astype(np.uint8)
+            bicubic = bicubic_upscale(lr, self.scale)  # the same reference row as evaluate
             self.images.append((str(item.get("name", i)), lr, hr, bicubic))
         self.bicubic = self._scores([(b, hr) for _, _, hr, b in self.images])
         replicated = sharding_lib.replicated(mesh)
