@@ -23,7 +23,8 @@ def machine_info() -> dict:
     return dict(backend=jax.default_backend(), device=device.device_kind,
                 device_count=jax.device_count(), cpu_count=os.cpu_count(),
                 processor=platform.processor() or platform.machine(),
-                jax=jax.__version__, date=time.strftime("%Y-%m-%d"))
+                load_average=os.getloadavg(), jax=jax.__version__,
+                date=time.strftime("%Y-%m-%d"))
 
 
 def peak_memory_bytes() -> int | None:

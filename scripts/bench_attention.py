@@ -27,10 +27,6 @@ there unless named in --impls. Results go to benchmarks/results/attention_<platf
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,7 +37,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iet_jax import attention, ops  # noqa: E402
+from iet_jax import attention, benchmarking, ops  # noqa: E402
 
 ALL_KS = (914, 345, 225, 185, 125, 121, 81, 64, 36, 24)
 HEADS = {"iet": (6, 40, 40), "iet_light": (3, 20, 18)}  # heads, d at K = 914, d elsewhere
@@ -89,11 +85,6 @@ def timed(fn, args, repeats):
     return compile_s, first, statistics.median(runs), temp
 
 
-def peak_bytes():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
-
-
 def measure(variant, k, impl_name, args):
     heads, d_initial, d_rest = HEADS[variant]
     d = d_initial if k == 914 else d_rest
@@ -126,7 +117,7 @@ def measure(variant, k, impl_name, args):
         row[name] = dict(
             ms=1e3 * median, compile_s=compile_s, first_run_s=first, tensor_GB=nbytes / 1e9,
             GBps=nbytes / median / 1e9, gathered_GBps=(nbytes + extra) / median / 1e9,
-            temp_bytes=temp, peak_bytes_in_use=peak_bytes(),
+            temp_bytes=temp, peak_bytes_in_use=benchmarking.peak_memory_bytes(),
         )
     return row
 
@@ -178,23 +169,14 @@ def main(argv=None):
                       f"{fmt_bytes(fb['temp_bytes']):>9} {fmt_bytes(fb['peak_bytes_in_use']):>7}",
                       flush=True)
 
-    device = jax.devices()[0]
-    result = dict(
+    benchmarking.write_results(
+        output, rows,
         benchmark="attention gather-attend (gather_qk, softmax, gather_av)",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        platform=backend, device=device.device_kind, device_count=jax.device_count(),
-        host=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-        load_average=os.getloadavg(), jax_version=jax.__version__,
         quick=args.quick, repeats=args.repeats,
         notes=("median of repeats after a first run; GBps = tensor bytes / time (q, k, "
                "v, idx, scores/attention, output and cotangents once per pass); gathered_GBps "
                "adds K reads of each gathered key/value row; temp_bytes from the compiled "
-               "program's memory_analysis; peak_bytes_in_use is process-wide and cumulative"),
-        results=rows,
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {output}")
+               "program's memory_analysis; peak_bytes_in_use is process-wide and cumulative"))
 
 
 if __name__ == "__main__":
