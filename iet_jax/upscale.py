@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from iet_jax import inference
+from iet_jax.datasets.images import png_bit_depth
 
 EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 SAVE_OPTIONS = {"PNG": {}, "JPEG": {"quality": 95}, "WEBP": {"quality": 95}}
@@ -40,14 +41,6 @@ class Picture:
     gray: bool = False
     bits: int = 8  # 8 or 16
     format: str = "PNG"  # PNG, JPEG, WEBP
-
-
-def _png_bit_depth(path: Path) -> int | None:
-    with open(path, "rb") as f:
-        head = f.read(25)
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return head[24]
-    return None
 
 
 def _read_png16(path: Path) -> Picture:
@@ -69,8 +62,9 @@ def read_picture(path: str | Path) -> Picture:
     from PIL import Image, ImageOps
 
     path = Path(path)
-    if _png_bit_depth(path) == 16:
-        return _read_png16(path)
+    with open(path, "rb") as f:
+        if png_bit_depth(f.read(29)) == 16:
+            return _read_png16(path)
     with Image.open(path) as im:
         im.load()
         fmt = im.format if im.format in SAVE_OPTIONS else "PNG"

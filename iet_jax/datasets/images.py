@@ -32,7 +32,7 @@ class BadImageError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def _png_bit_depth(data: bytes) -> int | None:
+def png_bit_depth(data: bytes) -> int | None:
     """Bit depth from a PNG's IHDR chunk (Pillow reads 16-bit RGB PNGs as 8-bit RGB)."""
     if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 29 or data[12:16] != b"IHDR":
         return None
@@ -43,7 +43,7 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
     """Decode encoded image bytes to uint8 (H, W, 3); see the module docstring."""
     from PIL import Image, UnidentifiedImageError
 
-    depth = _png_bit_depth(data)
+    depth = png_bit_depth(data)
     if depth is not None and depth > 8:
         raise BadImageError(name, f"{depth}-bit PNG; convert it to 8 bits per channel first "
                                   "(it would otherwise be silently truncated)")
