@@ -75,13 +75,23 @@ def load_model(directory: str | Path, dtype: str | None = None, which: str | int
             f"{directory} is not an iet-jax model checkpoint (expected {CONFIG_FILE} and "
             f"{PARAMS_DIR}/); official .pth weights convert with python -m iet_jax.convert"
         )
-    overrides = {} if dtype is None else dtype_fields(dtype)
-    config = config_from_json(config_path.read_text(), **overrides)
-    graphdef, state = nnx.split(abstract_model(config))
-    target = nnx.to_pure_dict(state)
+    graphdef, state, target = _empty_model(directory, dtype)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = _with_int_keys(checkpointer.restore(directory / PARAMS_DIR))
     _check_tree(directory, target, stored)
+    return _filled(graphdef, state, target, stored)
+
+
+def _empty_model(directory: Path, dtype: str | None):
+    """(graphdef, state, pure-dict target) of the model `directory`/config.json describes."""
+    overrides = {} if dtype is None else dtype_fields(dtype)
+    config = config_from_json((directory / CONFIG_FILE).read_text(), **overrides)
+    graphdef, state = nnx.split(abstract_model(config))
+    return graphdef, state, nnx.to_pure_dict(state)
+
+
+def _filled(graphdef, state, target, stored) -> IET:
+    """The model with `stored` (already checked against `target`) cast to its dtypes."""
     restored = jax.tree_util.tree_map(
         lambda ref, value: jnp.asarray(value, ref.dtype), target, stored)
     nnx.replace_by_pure_dict(state, restored)
@@ -183,10 +193,7 @@ def load_training_model(directory: str | Path, dtype: str | None = None,
     """The EMA weights of a training checkpoint, in the model the workdir's config.json holds."""
     directory = Path(directory).absolute()
     step = workdir_step(directory, which)
-    overrides = {} if dtype is None else dtype_fields(dtype)
-    config = config_from_json((directory / CONFIG_FILE).read_text(), **overrides)
-    graphdef, state = nnx.split(abstract_model(config))
-    target = nnx.to_pure_dict(state)
+    graphdef, state, target = _empty_model(directory, dtype)
     path = directory / WORKDIR_CHECKPOINTS / str(step) / WORKDIR_WEIGHTS
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # One item of a CheckpointManager step: read it with its handler. It was saved from a
@@ -199,7 +206,4 @@ def load_training_model(directory: str | Path, dtype: str | None = None,
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), stored)))
     finally:
         handler.close()
-    restored = jax.tree_util.tree_map(
-        lambda ref, value: jnp.asarray(value, ref.dtype), target, _with_int_keys(stored))
-    nnx.replace_by_pure_dict(state, restored)
-    return nnx.merge(graphdef, state)
+    return _filled(graphdef, state, target, _with_int_keys(stored))
