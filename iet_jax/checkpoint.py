@@ -43,7 +43,7 @@ def abstract_model(config: ml_collections.ConfigDict) -> IET:
 def save_model(directory: str | Path, model: IET, metadata: dict | None = None) -> Path:
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    params = _with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, params, force=True)
     config = ml_collections.ConfigDict(model.config.to_dict())
@@ -77,7 +77,7 @@ def load_model(directory: str | Path, dtype: str | None = None, which: str | int
         )
     graphdef, state, target = _empty_model(directory, dtype)
     with ocp.StandardCheckpointer() as checkpointer:
-        stored = _with_int_keys(checkpointer.restore(directory / PARAMS_DIR))
+        stored = with_int_keys(checkpointer.restore(directory / PARAMS_DIR))
     _check_tree(directory, target, stored)
     return _filled(graphdef, state, target, stored)
 
@@ -125,18 +125,18 @@ def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _with_str_keys(tree):
+def with_str_keys(tree):
     """Integer keys (nnx.List indices) as strings, the form orbax stores."""
     if not isinstance(tree, dict):
         return tree
-    return {str(k): _with_str_keys(v) for k, v in tree.items()}
+    return {str(k): with_str_keys(v) for k, v in tree.items()}
 
 
-def _with_int_keys(tree):
-    """Undo `_with_str_keys` on a restored nested dict."""
+def with_int_keys(tree):
+    """Undo `with_str_keys` on a restored nested dict."""
     if not isinstance(tree, dict):
         return tree
-    return {int(k) if isinstance(k, str) and k.isdigit() else k: _with_int_keys(v)
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: with_int_keys(v)
             for k, v in tree.items()}
 
 
@@ -201,9 +201,9 @@ def load_training_model(directory: str | Path, dtype: str | None = None,
     handler = ocp.StandardCheckpointHandler()
     try:
         stored = handler.metadata(path).tree
-        _check_tree(directory, target, _with_int_keys(stored))
+        _check_tree(directory, target, with_int_keys(stored))
         stored = handler.restore(path, args=ocp.args.StandardRestore(jax.tree_util.tree_map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), stored)))
     finally:
         handler.close()
-    return _filled(graphdef, state, target, _with_int_keys(stored))
+    return _filled(graphdef, state, target, with_int_keys(stored))

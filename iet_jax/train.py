@@ -158,22 +158,14 @@ def open_sources(config: ml_collections.ConfigDict):
 # ----------------------------------------------------------------------------- the model
 
 
-def _int_keys(tree):
-    return checkpoint_lib._with_int_keys(tree)  # noqa: SLF001 - shared helper
-
-
-def _str_keys(tree):
-    return checkpoint_lib._with_str_keys(tree)  # noqa: SLF001
-
-
 def init_params(model_cfg, seed: int):
     """Freshly initialised parameters as a nested dict with string keys."""
     model = IET(model_cfg, rngs=nnx.Rngs(seed))
-    return _str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return checkpoint_lib.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def apply_model(graphdef, params, x, *, train: bool):
-    return nnx.merge(graphdef, _int_keys(params))(x, train=train)
+    return nnx.merge(graphdef, checkpoint_lib.with_int_keys(params))(x, train=train)
 
 
 def load_init_params(path: str, params: dict) -> tuple[dict, list[str]]:
@@ -184,7 +176,7 @@ def load_init_params(path: str, params: dict) -> tuple[dict, list[str]]:
     freshly initialised otherwise. Returns (params, names left fresh).
     """
     source = checkpoint_lib.load_model(path)
-    src = _str_keys(nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+    src = checkpoint_lib.with_str_keys(nnx.to_pure_dict(nnx.state(source, nnx.Param)))
     src_flat = {"/".join(str(getattr(k, "key", k)) for k in p): v
                 for p, v in jax.tree_util.tree_leaves_with_path(src)}
     fresh, problems = [], []

@@ -105,7 +105,7 @@ def test_tiny_run(tmp_path, monkeypatch):
     assert checkpoint.workdir_step(workdir, "best") == 8
     from flax import nnx
     model = checkpoint.load_model(workdir)
-    loaded = checkpoint._with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    loaded = checkpoint.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(read_item(workdir, 8, "ema"))):
         np.testing.assert_array_equal(np.asarray(a), b)
     loader = json.loads((workdir / "checkpoints" / "8" / "loader" / "metadata").read_text())
