@@ -42,12 +42,12 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from iet_jax import pallas_gather
+# Mesh axes the leading (batch) axis of the attention arrays is split over inside
+# `jax.shard_map` (those of them that the current mesh has, while their size divides it):
+# the same axes the training loop splits the batch over.
+from iet_jax.sharding import BATCH_AXES
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-
-# Mesh axes the leading (batch) axis of the attention arrays is split over inside
-# `jax.shard_map` (those of them that the current mesh has, while their size divides it).
-BATCH_AXES = ("data", "fsdp")
 
 # On CPU the XLA path walks (batch, head) pairs one at a time and queries in chunks whose
 # gathered [chunk, K, d] block is about this many bytes, so it stays in cache: measured on
