@@ -25,8 +25,9 @@ from typing import Sequence
 import numpy as np
 
 from iet_jax import inference, metrics
+from iet_jax.datasets.source import BENCHMARKS
 
-DEFAULT_DATASETS = ("set5", "set14", "b100", "urban100", "manga109")
+DEFAULT_DATASETS = BENCHMARKS  # the five every SR paper reports
 DISPLAY_NAMES = {"set5": "Set5", "set14": "Set14", "b100": "B100", "urban100": "Urban100",
                  "manga109": "Manga109", "demo": "Demo"}
 

@@ -34,10 +34,10 @@ import tensorflow_datasets as tfds
 
 from iet_jax import imresize
 from iet_jax.datasets import images
+from iet_jax.datasets.source import BENCHMARKS
 
 SCALES = (2, 3, 4)
 VERSION = tfds.core.Version("1.0.0")
-BENCHMARKS = ("set5", "set14", "b100", "urban100", "manga109")
 STORAGES = ("png", "raw")
 
 # Folder names people use for each benchmark (compared lower-case, without - and _).
