@@ -209,14 +209,9 @@ def recipe(variant: str, scale: int, settings: str | None = None) -> ml_collecti
     `python -m iet_jax.train` (see `training_config` for their meaning).
     """
     settings = settings or "train"
-    r = OFFICIAL_RECIPES[variant, scale]
-    config = training_config(
-        model=official(variant, scale, settings),
-        dataset=r["dataset"], patch_size=r["patch_size"], batch_size=r["batch_size"],
-        learning_rate=r["learning_rate"], num_steps=r["num_steps"],
-        milestones=r["milestones"], warmup_steps=r["warmup_steps"],
-        muon_lr_scale=MUON_LR_SCALE[variant], init_from=r["init_from"],
-    )
+    config = training_config(model=official(variant, scale, settings),
+                             muon_lr_scale=MUON_LR_SCALE[variant],
+                             **OFFICIAL_RECIPES[variant, scale])
     config.name = f"{variant}_x{scale}"
     config.settings = settings
     return config
