@@ -9,19 +9,22 @@ attention width), the score cost of every layer except the network's very last o
 budget (the last layer of a propagating block adds k_add), the network's very last layer is
 charged for the full initial lists, conv_after_body is charged 3 (not 9) taps, and the
 classical upsampler counts only its PixelShuffle convs, all at LR resolution.
+
+1280x720 is not a multiple of 3: for it, as in the official code, the LR size is rounded
+down (426x240 at x3, a 1278x720 output). Any other output size must be a multiple of the
+scale.
 """
 
 from __future__ import annotations
 
 import math
-
-from absl import app, flags
-from ml_collections import config_flags
+import sys
 
 from iet_jax import checkpoint
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/*.py[:eval])")
-_OUTPUT_SIZE = flags.DEFINE_string("output_size", "1280x720", "output WIDTHxHEIGHT")
+# The output size of the paper's FLOPs column (WIDTH, HEIGHT).
+PAPER_OUTPUT_SIZE = (1280, 720)
+USAGE = "usage: python -m iet_jax.flops --config configs/<recipe>.py[:eval] [--output_size WxH]"
 
 
 def _layer(config, block: int, layer: int, n: int) -> int:
@@ -66,18 +69,75 @@ def flops(config, lr_height: int, lr_width: int) -> float:
     return float(total)
 
 
-def main(argv) -> None:
-    del argv
-    config = _CONFIG.value
-    model_config = config.model if "model" in config else config
-    width, height = (int(v) for v in _OUTPUT_SIZE.value.lower().split("x"))
+def lr_size(width: int, height: int, scale: int) -> tuple[int, int]:
+    """The LR (width, height) for an output size; ValueError naming the fix if there is none.
+
+    The paper's 1280x720 is rounded down at x3 (426x240), as the official code counts it.
+    """
+    if (width, height) == PAPER_OUTPUT_SIZE:
+        return width // scale, height // scale
+    if width % scale or height % scale:
+        w, h = width - width % scale, height - height % scale
+        raise ValueError(f"output size {width}x{height} is not a multiple of the scale {scale}: "
+                         f"give one that is (e.g. --output_size {w}x{h}), or leave "
+                         "--output_size out for the paper's 1280x720")
+    return width // scale, height // scale
+
+
+def main(argv=None) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = list(sys.argv if argv is None else argv)
+    flags_ = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "config file (configs/*.py[:eval])", flag_values=flags_,
+        sys_argv=argv)
+    flags.DEFINE_string("output_size", "1280x720", "output WIDTHxHEIGHT", flag_values=flags_)
+    if "--help" in argv[1:] or "-h" in argv[1:]:
+        print(f"{__doc__}\n{USAGE}\n\n{flags_.get_help()}")
+        return 0
+    try:
+        flags_(argv)
+    except flags.Error as e:
+        # A config file that raises comes with its traceback: keep the first and last lines.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        problem = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+        print(f"error: {problem} ({USAGE})", file=sys.stderr)
+        return 2
+    if config_flag.value is None:
+        print(f"error: --config is required ({USAGE})", file=sys.stderr)
+        return 2
+    try:
+        config = config_flag.value
+        model_config = config.model if "model" in config else config
+    except (OSError, ValueError) as e:  # the config file is loaded lazily, here
+        name = config_flags.get_config_filename(flags_["config"])
+        print(f"error: cannot load --config {name} ({str(e).splitlines()[-1].strip()}): give a "
+              "config file such as configs/iet_x4.py or configs/iet_x4.py:eval", file=sys.stderr)
+        return 2
     s = model_config.scale
-    if width % s or height % s:
-        raise app.UsageError(f"output size {width}x{height} is not a multiple of the scale {s}")
+    try:
+        width, height = (int(v) for v in flags_.output_size.lower().split("x"))
+        if width < 1 or height < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --output_size {flags_.output_size!r} is not WIDTHxHEIGHT: give e.g. "
+              "--output_size 1280x720", file=sys.stderr)
+        return 2
+    try:
+        lr_width, lr_height = lr_size(width, height, s)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     params = sum(math.prod(v.shape) for v in _param_leaves(model_config))
-    total = flops(model_config, height // s, width // s)
+    total = flops(model_config, lr_height, lr_width)
     print(f"parameters: {params:,}")
-    print(f"FLOPs (multiply-adds) for a {width}x{height} output: {total / 1e12:.2f}T")
+    rounded = ("" if (lr_width * s, lr_height * s) == (width, height)
+               else ", rounded down as in the paper")
+    print(f"FLOPs (multiply-adds) for a {width}x{height} output (LR {lr_width}x{lr_height} at "
+          f"x{s}{rounded}): {total / 1e12:.2f}T")
+    return 0
 
 
 def _param_leaves(model_config):
@@ -89,4 +149,4 @@ def _param_leaves(model_config):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())
