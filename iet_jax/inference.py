@@ -1,4 +1,5 @@
-"""Inference on images of any size: whole-image, tiled, and the x8 self-ensemble.
+"""Inference on images of any size: whole-image, tiled, the official split test, and the x8
+self-ensemble.
 
 `Upscaler(model, ...)` wraps an IET (or any callable mapping NHWC images in [0, 1] to their
 upscaled NHWC images) and compiles its forward pass once per input shape:
@@ -15,11 +16,22 @@ upscaled NHWC images) and compiles its forward pass once per input shape:
   bounded by the tile batch. The tile outputs are blended with separable weights that ramp
   smoothly (smoothstep) across each overlap, and sum to one there, so seams vanish; the image
   borders get full weight.
+- **Official split test** (`split=OFFICIAL_SPLIT`, 384): the protocol of the official
+  `IETModel.test`, which produced the paper's numbers. An LR image with fewer than 384 x 384
+  pixels (height x width, whatever its shape) goes through the model whole. A larger one is cut
+  into a grid: each side of length L gets n = L // 384 + 1 parts; the side is reflect-padded
+  at its end (bottom / right, mirror without repeating the edge pixel) to the next multiple of
+  n, so that each part has the same length p = padded // n; each part is widened by
+  p // 10 pixels towards each neighbour (not past the image borders), and goes through the
+  model on its own. Of each output only the part's own p x p cell is kept (the widening is
+  thrown away, no blending); the cells are put side by side and the padding is cropped off.
+  Each distinct patch shape compiles once.
 - **Self-ensemble** (`self_ensemble=True`): the 8 images obtained by flipping vertically,
   horizontally and transposing go through the model in one batched call; each output is
   transformed back and the 8 are averaged (BasicSR's `test_selfensemble`). In tiled mode it
   runs per tile, inside the compiled function (batch 8 x tile_batch). For a whole image that
   is not square, the transposed four have the other shape: two calls, one compiled function.
+  With the split test it runs per patch (the official code has no self-ensemble).
 
 Images are float in [0, 1], HWC or NHWC (NumPy or JAX); results come back as float32 NumPy
 arrays of the same rank, not clipped. Tiled mode works on the host (NumPy) apart from the
@@ -42,6 +54,8 @@ from flax import nnx
 
 DEFAULT_OVERLAP = 16
 DEFAULT_TILE_BATCH = 4
+# The patch size of the official split test (IETModel.test): also its size threshold.
+OFFICIAL_SPLIT = 384
 
 # (flip H, flip W, transpose H<->W): applied in that order; undone in reverse order.
 ENSEMBLE_TRANSFORMS = tuple((bool(k & 1), bool(k & 2), bool(k & 4)) for k in range(8))
@@ -153,6 +167,47 @@ def blend_weights(starts: list[int], tile: int, scale: int) -> list[np.ndarray]:
     return weights
 
 
+def uses_split(height: int, width: int, split: int) -> bool:
+    """Whether the official split test cuts an LR image: height x width >= split ** 2."""
+    return height * width >= split * split
+
+
+def split_spans(length: int, split: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """One side of the official split test, in LR pixels of the padded side.
+
+    Returns (padding at the end, [(start, stop, keep_start, keep_stop), ...]): the side is
+    padded by that many pixels, patch k covers [start, stop) and its output's rows (columns)
+    for [keep_start, keep_stop) are kept. The kept cells tile the padded side exactly.
+    """
+    parts = length // split + 1
+    padded = -(-length // parts) * parts
+    cell = padded // parts
+    widen = cell // 10
+    spans = []
+    for k in range(parts):
+        keep_start, keep_stop = k * cell, (k + 1) * cell
+        start = keep_start - widen if k > 0 else keep_start
+        stop = keep_stop + widen if k < parts - 1 else keep_stop
+        spans.append((start, stop, keep_start, keep_stop))
+    return padded - length, spans
+
+
+def split_grid(height: int, width: int, split: int) -> tuple[int, int]:
+    """(rows, columns) of patches the official split test uses; (1, 1) means whole."""
+    if not uses_split(height, width, split):
+        return 1, 1
+    return len(split_spans(height, split)[1]), len(split_spans(width, split)[1])
+
+
+def check_split(split: int, tile: int | None) -> None:
+    if split < 1:
+        raise ValueError(f"the split test's patch size must be a positive number of LR pixels "
+                         f"(the official value is {OFFICIAL_SPLIT}), got {split}")
+    if tile is not None:
+        raise ValueError("tiling and the official split test are two different protocols: "
+                         "use either tile (--tile) or split (--official-split), not both")
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _run(model_def, ensemble: bool, state, x: jax.Array) -> jax.Array:
     """The compiled forward pass. `model_def` (an nnx GraphDef, or a plain callable) and
@@ -170,7 +225,7 @@ def _run(model_def, ensemble: bool, state, x: jax.Array) -> jax.Array:
 
 
 class Upscaler:
-    """Compiled whole-image, tiled and self-ensembled inference for one model.
+    """Compiled whole-image, tiled, split-test and self-ensembled inference for one model.
 
     The model's state is captured when the Upscaler is built: build a new one after changing
     the weights. Compilations are cached per (model structure, self-ensemble, input shape)
@@ -179,7 +234,7 @@ class Upscaler:
 
     def __init__(self, model, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
                  self_ensemble: bool = False, tile_batch: int = DEFAULT_TILE_BATCH,
-                 scale: int | None = None):
+                 scale: int | None = None, split: int | None = None):
         self.model = model
         self.scale = int(scale) if scale is not None else model_scale(model)
         self.tile = None if tile is None else int(tile)
@@ -188,12 +243,22 @@ class Upscaler:
         if tile_batch < 1:
             raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
         self.tile_batch = int(tile_batch)
+        self.split = None if split is None else int(split)
+        if self.split is not None:
+            check_split(self.split, self.tile)
         if self.tile is not None:
             check_tile(model, self.tile, self.overlap)
         if isinstance(model, nnx.Module):
             self._def, self._state = nnx.split(model)
         else:
             self._def, self._state = model, None
+
+    @property
+    def protocol(self) -> str:
+        """'whole', 'tiled' or 'official-split': how images are fed to the model."""
+        if self.split is not None:
+            return "official-split"
+        return "whole" if self.tile is None else "tiled"
 
     def _dispatch(self, x: np.ndarray) -> jax.Array:
         return _run(self._def, self.self_ensemble, self._state, jnp.asarray(x, jnp.float32))
@@ -209,11 +274,32 @@ class Upscaler:
             x = x[None]
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected RGB images (H, W, 3) or (N, H, W, 3), got {x.shape}")
-        if self.tile is None:
+        if self.split is not None:
+            y = np.stack([self._split_test(img) for img in x])
+        elif self.tile is None:
             y = self._call(x)
         else:
             y = np.stack([self._tiled(img) for img in x])
         return y[0] if single else y
+
+    def _split_test(self, img: np.ndarray) -> np.ndarray:
+        """One HWC image through the official split test (see the module docstring)."""
+        height, width = img.shape[:2]
+        if not uses_split(height, width, self.split):
+            return self._call(img[None])[0]
+        s = self.scale
+        pad_h, rows = split_spans(height, self.split)
+        pad_w, cols = split_spans(width, self.split)
+        img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+        jobs = [(r, c) for r in rows for c in cols]
+        # All patches are dispatched first (asynchronously), then stitched.
+        results = [self._dispatch(img[None, r[0]:r[1], c[0]:c[1]]) for r, c in jobs]
+        out = np.zeros((img.shape[0] * s, img.shape[1] * s, 3), np.float32)
+        for ((y0, _, ky0, ky1), (x0, _, kx0, kx1)), result in zip(jobs, results):
+            patch = np.asarray(result)[0]
+            out[ky0 * s:ky1 * s, kx0 * s:kx1 * s] = \
+                patch[(ky0 - y0) * s:(ky1 - y0) * s, (kx0 - x0) * s:(kx1 - x0) * s]
+        return out[:height * s, :width * s]
 
     def _tiled(self, img: np.ndarray) -> np.ndarray:
         """One HWC image through fixed-size tiles, blended."""
@@ -254,7 +340,7 @@ class Upscaler:
 
 def upscale(model, images, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
             self_ensemble: bool = False, tile_batch: int = DEFAULT_TILE_BATCH,
-            scale: int | None = None) -> np.ndarray:
+            scale: int | None = None, split: int | None = None) -> np.ndarray:
     """One-off `Upscaler(model, ...)(images)`; build an Upscaler to reuse compilations."""
     return Upscaler(model, tile=tile, overlap=overlap, self_ensemble=self_ensemble,
-                    tile_batch=tile_batch, scale=scale)(images)
+                    tile_batch=tile_batch, scale=scale, split=split)(images)

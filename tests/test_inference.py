@@ -188,3 +188,159 @@ def test_tiny_iet_tiled_close_to_whole_and_compiles_once():
     before = inference._run._cache_size()
     assert up(photo(23, 31)).shape == (46, 62, 3)
     assert inference._run._cache_size() == before
+
+
+# ---------------------------------------------------------------- the official split test
+def neighbourly(x):
+    """x2 stand-in whose output depends on the neighbourhood and on the input's size.
+
+    A 3x3 box blur (edge pixels repeated) plus a pattern over the whole input: a pixel
+    computed by the wrong patch, or at the wrong place in its patch, comes out different.
+    """
+    h, w = x.shape[1:3]
+    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blur = sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    ys = jnp.arange(2 * h, dtype=jnp.float32)[:, None]
+    xs = jnp.arange(2 * w, dtype=jnp.float32)[None, :]
+    pattern = jnp.sin(0.37 * ys + 0.11 * h) * jnp.cos(0.23 * xs + 0.07 * w)
+    return nearest(blur) + 0.1 * pattern[None, :, :, None]
+
+
+neighbourly.scale = 2
+
+
+def split_oracle(forward, img: np.ndarray, split: int, scale: int) -> np.ndarray:
+    """The official split test restated from its rule, output pixel by output pixel.
+
+    Below split**2 LR pixels the image goes through whole. Otherwise a side of length L gets
+    n = L // split + 1 parts; it is padded at the end by mirroring (edge pixel not repeated)
+    to a multiple of n; part k owns the pixels [k p, (k + 1) p) of the padded side, p = padded
+    / n, and its patch reaches p // 10 pixels further on the sides where it has a neighbour.
+    An output pixel is taken from the patch of the part that owns its LR pixel.
+    """
+    h, w = img.shape[:2]
+    if h * w < split * split:
+        return np.asarray(forward(img[None]))[0]
+
+    def side(length):
+        n = length // split + 1
+        padded = length + (-length) % n
+        p = padded // n
+        reach = p // 10
+        owner = np.arange(padded * scale) // scale // p  # the part of each output pixel
+        first = owner * p - np.where(owner > 0, reach, 0)  # where that part's patch starts
+        local = np.arange(padded * scale) - first * scale  # the pixel within the patch output
+        patches = [(max(k * p - reach, 0), min((k + 1) * p + reach, padded)) for k in range(n)]
+        return padded, owner, local, patches
+
+    ph, owner_y, local_y, rows = side(h)
+    pw, owner_x, local_x, cols = side(w)
+    padded = np.pad(img, ((0, ph - h), (0, pw - w), (0, 0)), mode="reflect")
+    out = np.full((ph * scale, pw * scale, 3), np.nan, np.float32)
+    for i, (y0, y1) in enumerate(rows):
+        for j, (x0, x1) in enumerate(cols):
+            y = np.asarray(forward(padded[None, y0:y1, x0:x1]))[0]
+            sel_y, sel_x = np.nonzero(owner_y == i)[0], np.nonzero(owner_x == j)[0]
+            out[np.ix_(sel_y, sel_x)] = y[np.ix_(local_y[sel_y], local_x[sel_x])]
+    assert not np.isnan(out).any()
+    return out[:h * scale, :w * scale]
+
+
+def shapes_seen(forward):
+    """`forward` that records the shapes it is called with (in the jit trace: once per shape)."""
+    seen = []
+
+    def spy(x):
+        seen.append(tuple(x.shape[1:3]))
+        return forward(x)
+
+    spy.scale = forward.scale
+    return spy, seen
+
+
+def test_split_layout_by_hand():
+    # 384 x 384 (exactly the threshold): two parts of 192 a side, reaching 19 pixels further.
+    assert inference.split_spans(384, 384) == (0, [(0, 211, 0, 192), (173, 384, 192, 384)])
+    # 1000: three parts; padded by 2 to 1002, parts of 334 reaching 33 further.
+    assert inference.split_spans(1000, 384) == (
+        2, [(0, 367, 0, 334), (301, 701, 334, 668), (635, 1002, 668, 1002)])
+    # A side shorter than the patch size is one part, the whole side.
+    assert inference.split_spans(200, 384) == (0, [(0, 200, 0, 200)])
+    # The threshold is on the area: 383 x 385 is whole, 200 x 738 is split along the width.
+    assert inference.split_grid(383, 385, 384) == (1, 1)
+    assert inference.split_grid(384, 384, 384) == (2, 2)
+    assert inference.split_grid(200, 738, 384) == (1, 2)
+    assert inference.split_grid(585, 827, 384) == (2, 3)
+
+
+# The oracle calls the stand-in through a whole-image Upscaler: the same compiled function per
+# patch shape as the split, so the two agree to the bit when they cut and stitch alike.
+@pytest.mark.parametrize("size", [(12, 30), (20, 20), (23, 41), (41, 23), (45, 61), (9, 50)])
+def test_split_matches_the_rule_with_a_stand_in(size):
+    x = np.random.default_rng(4).random(size + (3,)).astype(np.float32)
+    whole = inference.Upscaler(neighbourly)
+    got = inference.Upscaler(neighbourly, split=20)(x)
+    assert got.shape == (2 * size[0], 2 * size[1], 3)
+    np.testing.assert_array_equal(got, split_oracle(whole, x, 20, 2))
+    if size[0] * size[1] >= 400:  # split: the seams show with this stand-in
+        assert not np.allclose(got, whole(x), atol=1e-3)
+    else:
+        np.testing.assert_array_equal(got, whole(x))
+
+
+def test_split_of_a_pointwise_model_is_the_whole_output():
+    x = np.random.default_rng(5).random((2, 27, 44, 3)).astype(np.float32)
+    got = inference.Upscaler(pointwise_x3, split=16)(x)
+    np.testing.assert_allclose(got, np.asarray(pointwise_x3(x)), rtol=0, atol=1e-6)
+
+
+def test_split_below_threshold_is_whole_image():
+    # 19 x 21 = 399 < 20 ** 2: one call on the whole image even though 21 > 20.
+    spy, seen = shapes_seen(neighbourly)
+    x = np.random.default_rng(6).random((19, 21, 3)).astype(np.float32)
+    got = inference.Upscaler(spy, split=20)(x)
+    assert seen == [(19, 21)]
+    np.testing.assert_array_equal(got, inference.Upscaler(neighbourly)(x))
+    # 20 x 20 = 400: split, two parts a side (10 + 1 overlap, then 1 + 10).
+    spy, seen = shapes_seen(neighbourly)
+    inference.Upscaler(spy, split=20)(np.zeros((20, 20, 3), np.float32))
+    assert sorted(seen) == [(11, 11)]  # all four patches share one shape: one trace
+
+
+def test_split_at_the_official_size_with_a_stand_in():
+    assert inference.OFFICIAL_SPLIT == 384
+    rng = np.random.default_rng(7)
+    whole = inference.Upscaler(neighbourly)
+    for size in [(384, 384), (401, 517)]:
+        x = rng.random(size + (3,)).astype(np.float32)
+        got = inference.Upscaler(neighbourly, split=inference.OFFICIAL_SPLIT)(x)
+        np.testing.assert_array_equal(got, split_oracle(whole, x, 384, 2))
+    spy, seen = shapes_seen(neighbourly)
+    inference.Upscaler(spy, split=inference.OFFICIAL_SPLIT)(np.zeros((383, 385, 3), np.float32))
+    assert seen == [(383, 385)]
+
+
+def test_split_with_self_ensemble_runs_per_patch():
+    x = np.random.default_rng(8).random((23, 30, 3)).astype(np.float32)
+    got = inference.Upscaler(neighbourly, split=20, self_ensemble=True)(x)
+    per_patch = inference.Upscaler(neighbourly, self_ensemble=True)
+    np.testing.assert_array_equal(got, split_oracle(per_patch, x, 20, 2))
+
+
+def test_split_option_errors():
+    with pytest.raises(ValueError, match=r"either tile \(--tile\) or split \(--official-split\)"):
+        inference.Upscaler(nearest, split=384, tile=64)
+    with pytest.raises(ValueError, match=r"positive number of LR pixels .*official value is 384"):
+        inference.Upscaler(nearest, split=0)
+    assert inference.Upscaler(nearest).protocol == "whole"
+    assert inference.Upscaler(nearest, tile=8, overlap=2).protocol == "tiled"
+    assert inference.Upscaler(nearest, split=384).protocol == "official-split"
+
+
+def test_tiny_iet_split_is_the_stitched_patches():
+    model = random_model(tiny_config())
+    x = photo(31, 37)  # split 20: padded to 32 x 38, 2 x 2 parts of 16 x 19 reaching 1 further
+    whole = inference.Upscaler(model)
+    got = inference.Upscaler(model, split=20)(x)
+    np.testing.assert_array_equal(got, split_oracle(whole, x, 20, 2))
+    assert not np.allclose(got, whole(x), atol=1e-3)  # the split changes the output
