@@ -2,7 +2,8 @@
 
     python -m iet_jax.evaluate --checkpoint converted/iet_x4 \
         [--datasets set5,set14,b100,urban100,manga109] [--data-dir D] [--dataset-split test]
-        [--self-ensemble] [--tile N --tile-overlap M] [--save-images DIR] [--output DIR]
+        [--self-ensemble] [--tile N --tile-overlap M | --official-split]
+        [--save-images DIR] [--output DIR]
 
 Each dataset is opened with `iet_jax.datasets.open_source(name, split, scale)` at the
 checkpoint's scale; every LR image is upscaled, and the output is compared with its HR image
@@ -10,6 +11,12 @@ by `iet_jax.metrics` (uint8, `scale` pixels cropped per border, BT.601 Y). The r
 is MATLAB-bicubic upscaling of the same LR image (`iet_jax.imresize`). Results print as a
 table (PSNR/SSIM per dataset) and, with `--output`, go to `results.json` (per image too) and
 `results.md`.
+
+The protocol (how images reach the model) is recorded with the numbers: `whole` (default:
+each image in one piece), `tiled` (`--tile`: blended fixed-size tiles) or `official-split`
+(`--official-split`: the official IETModel test, which cuts LR images of 384 x 384 pixels or
+more into patches and keeps each patch's own cell; see `iet_jax.inference`). With the split
+test each image's row in `results.json` gives its patch grid (`[1, 1]`: whole).
 """
 
 from __future__ import annotations
@@ -58,19 +65,21 @@ def evaluate_source(model, source: Sequence[dict], scale: int, *, self_ensemble:
                     tile: int | None = None, overlap: int = inference.DEFAULT_OVERLAP,
                     save_dir: str | Path | None = None, bicubic: bool = True,
                     tile_batch: int = inference.DEFAULT_TILE_BATCH, limit: int | None = None,
-                    progress: bool = False, desc: str = "") -> dict:
+                    progress: bool = False, desc: str = "", split: int | None = None) -> dict:
     """PSNR / SSIM (Y, border `scale`) of `model` over a sequence of {'hr', 'lr', 'name'}.
 
     `model` is an IET (or an `inference.Upscaler`, or a callable with a `scale`). Returns
-    {'count', 'psnr', 'ssim', 'bicubic_psnr', 'bicubic_ssim', 'seconds', 'images': [...]}
-    with the means over the images (bicubic entries only when `bicubic`). `save_dir` receives
-    each output as `<name>.png`.
+    {'count', 'psnr', 'ssim', 'bicubic_psnr', 'bicubic_ssim', 'seconds', 'protocol',
+    'images': [...]} with the means over the images (bicubic entries only when `bicubic`).
+    `split=inference.OFFICIAL_SPLIT` runs the official split test (then each image row has
+    its 'patches' grid). `save_dir` receives each output as `<name>.png`.
     """
     if isinstance(model, inference.Upscaler):
         upscaler = model
     else:
         upscaler = inference.Upscaler(model, tile=tile, overlap=overlap,
-                                      self_ensemble=self_ensemble, tile_batch=tile_batch)
+                                      self_ensemble=self_ensemble, tile_batch=tile_batch,
+                                      split=split)
     if upscaler.scale != scale:
         raise ValueError(f"the checkpoint upscales x{upscaler.scale} but the dataset is x{scale}")
     source_scale = getattr(source, "scale", None)
@@ -97,6 +106,8 @@ def evaluate_source(model, source: Sequence[dict], scale: int, *, self_ensemble:
         seconds += time.perf_counter() - start
         row = {"name": name, "lr_shape": list(lr.shape[:2]),
                "psnr": metrics.psnr(sr, hr, scale), "ssim": metrics.ssim(sr, hr, scale)}
+        if upscaler.split is not None:
+            row["patches"] = list(inference.split_grid(*lr.shape[:2], upscaler.split))
         if bicubic:
             ref = bicubic_upscale(lr, scale)
             row["bicubic_psnr"] = metrics.psnr(ref, hr, scale)
@@ -107,12 +118,23 @@ def evaluate_source(model, source: Sequence[dict], scale: int, *, self_ensemble:
 
             save_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(sr).save(save_dir / f"{_safe_name(name)}.png")
-    result = {"count": len(rows), "seconds": seconds}
+    result = {"count": len(rows), "seconds": seconds, "protocol": upscaler.protocol}
     keys = ["psnr", "ssim"] + (["bicubic_psnr", "bicubic_ssim"] if bicubic else [])
     for key in keys:
         result[key] = float(np.mean([r[key] for r in rows])) if rows else math.nan
     result["images"] = rows
     return result
+
+
+def describe_protocol(upscaler: inference.Upscaler) -> str:
+    """How the images reached the model, in words (for results.md and the printout)."""
+    if upscaler.protocol == "official-split":
+        size = upscaler.split
+        return (f"official split test (IETModel.test: LR images of {size}x{size} pixels or "
+                f"more in patches, the rest whole)")
+    if upscaler.protocol == "tiled":
+        return f"tiles {upscaler.tile} (overlap {upscaler.overlap})"
+    return "whole images"
 
 
 def _safe_name(name: str) -> str:
@@ -180,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tile-overlap", type=int, default=inference.DEFAULT_OVERLAP,
                    help="minimum tile overlap in LR pixels (default %(default)s)")
     p.add_argument("--tile-batch", type=int, default=inference.DEFAULT_TILE_BATCH)
+    p.add_argument("--official-split", action="store_true",
+                   help="the official IETModel test: LR images of at least "
+                        f"{inference.OFFICIAL_SPLIT}x{inference.OFFICIAL_SPLIT} pixels (area) "
+                        "in patches, as the paper's numbers were made (default: whole images)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default=None)
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each")
     p.add_argument("--no-bicubic", action="store_true", help="skip the bicubic reference row")
@@ -203,9 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = (checkpoint.load_model(args.checkpoint) if args.dtype is None
                  else checkpoint.load_model(args.checkpoint, dtype=args.dtype))
+        split = inference.OFFICIAL_SPLIT if args.official_split else None
         upscaler = inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
                                       self_ensemble=args.self_ensemble,
-                                      tile_batch=args.tile_batch)
+                                      tile_batch=args.tile_batch, split=split)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -230,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     label = Path(args.checkpoint).name or "model"
     settings = {"checkpoint": str(Path(args.checkpoint).absolute()), "scale": scale,
                 "splits": dict(wanted), "self_ensemble": args.self_ensemble,
+                "protocol": upscaler.protocol, "split_patch": upscaler.split,
                 "tile": args.tile, "tile_overlap": args.tile_overlap if args.tile else None,
                 "dtype": str(model.config.dtype), "limit": args.limit,
                 "metric": "PSNR (dB) / SSIM on Y (BT.601), uint8, border = scale"}
+    print(f"protocol: {describe_protocol(upscaler)}", flush=True)
     results = {}
     for name, source in sources.items():
         save = None if args.save_images is None else Path(args.save_images) / name
@@ -257,12 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.json").write_text(json.dumps(
             {"settings": settings, "datasets": results}, indent=1))
         extras = ", ".join(s for s in (
-            "x8 self-ensemble" if args.self_ensemble else "",
-            f"tiles {args.tile} (overlap {args.tile_overlap})" if args.tile else "") if s)
+            describe_protocol(upscaler), "x8 self-ensemble" if args.self_ensemble else "") if s)
         md = (f"# {label} x{scale}\n\nPSNR (dB) / SSIM on the Y channel, {scale} border pixels "
               "cropped; splits: " + ", ".join(f"{n} `{sp}`" for n, sp in wanted)
-              + (f"; {extras}" if extras else "")
-              + f".\n\n{table}\n")
+              + f"; {extras}.\n\n{table}\n")
         (out / "results.md").write_text(md)
         print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
     return 0

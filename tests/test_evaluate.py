@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iet_jax import checkpoint, datasets, evaluate, metrics
+from iet_jax import checkpoint, datasets, evaluate, inference, metrics
 from iet_jax.imresize import imresize
-from test_inference import nearest, photo, random_model, tiny_config
+from test_inference import nearest, neighbourly, photo, random_model, tiny_config
 
 
 def make_source(scale, sizes=((24, 30), (18, 22), (20, 20))):
@@ -40,6 +40,21 @@ def test_evaluate_source_numbers_and_saved_images(tmp_path):
                                      bicubic=False)
     assert again["psnr"] == pytest.approx(res["psnr"], abs=1e-9)
     assert "bicubic_psnr" not in again
+
+
+def test_evaluate_source_with_the_split_test():
+    source = make_source(2)  # LR 24x30 (split 2 x 2 at 20), 18x22 (396 < 400: whole), 20x20
+    res = evaluate.evaluate_source(neighbourly, source, 2, split=20, bicubic=False)
+    assert res["protocol"] == "official-split"
+    assert [r["patches"] for r in res["images"]] == [[2, 2], [1, 1], [2, 2]]
+    split = inference.Upscaler(neighbourly, split=20)
+    for ex, row in zip(source, res["images"]):
+        sr = metrics.to_uint8(split(ex["lr"] / np.float32(255.0)))
+        assert row["psnr"] == metrics.psnr(sr, ex["hr"], 2)
+    whole = evaluate.evaluate_source(neighbourly, source, 2, bicubic=False)
+    assert whole["protocol"] == "whole" and "patches" not in whole["images"][0]
+    assert whole["images"][1]["psnr"] == res["images"][1]["psnr"]  # below the threshold
+    assert whole["images"][0]["psnr"] != res["images"][0]["psnr"]
 
 
 def test_scale_mismatch_is_explained():
@@ -105,6 +120,8 @@ def test_cli_end_to_end(tiny_checkpoint, fake_datasets, tmp_path, capsys):
     set5 = saved["datasets"]["set5"]
     assert set5["count"] == 3 and np.isfinite(set5["psnr"]) and 0 < set5["ssim"] <= 1
     assert saved["settings"]["tile"] == 12 and saved["settings"]["scale"] == 2
+    assert saved["settings"]["protocol"] == "tiled" and set5["protocol"] == "tiled"
+    assert "tiles 12 (overlap 4)" in (out / "results.md").read_text()
     assert "| tiny_x2 | x2 |" in (out / "results.md").read_text()
     assert sorted(p.name for p in (images / "set5").iterdir()) == ["img0.png", "img1.png",
                                                                    "img2.png"]
@@ -117,6 +134,29 @@ def test_cli_end_to_end(tiny_checkpoint, fake_datasets, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",
                           "--tile", "12", "--tile-overlap", "4", "--no-progress"]) == 0
     assert fake_datasets == [("demo", "validation", 2, None)]
+
+
+def test_cli_official_split(tiny_checkpoint, fake_datasets, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",
+                          "--official-split", "--output", str(out), "--no-progress",
+                          "--no-bicubic"])
+    assert code == 0
+    assert "protocol: official split test" in capsys.readouterr().out
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["protocol"] == "official-split"
+    assert saved["settings"]["split_patch"] == 384 and saved["settings"]["tile"] is None
+    demo = saved["datasets"]["demo"]
+    assert demo["protocol"] == "official-split" and demo["images"][0]["patches"] == [1, 1]
+    assert "official split test (IETModel.test: LR images of 384x384 pixels or more" in (
+        out / "results.md").read_text()
+    # A 16x20 LR image is below the threshold: the numbers of the whole-image protocol.
+    model = checkpoint.load_model(tiny_checkpoint)
+    whole = evaluate.evaluate_source(model, make_source(2, ((16, 20),)), 2, bicubic=False)
+    assert whole["psnr"] == demo["psnr"]
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",
+                          "--official-split", "--tile", "12"]) == 2
+    assert "use either tile (--tile) or split (--official-split)" in capsys.readouterr().err
 
 
 def test_cli_errors(tiny_checkpoint, fake_datasets, tmp_path, capsys):
