@@ -206,6 +206,132 @@ def test_benchmark_alias_and_manual_dir_is_the_folder(tmp_path):
         build("benchmark", 2, tmp_path / "d", name="set6", manual_dir=tmp_path)
 
 
+# The official test data (every options/test/*.yml): TestDataSR/HR/<Set>/x{s}/<file> with
+# TestDataSR/LR/LRBI/<Set>/x{s}/<file>, the LR file named exactly as the HR file.
+OFFICIAL_SETS = {"Set5": {"baby": (26, 32), "bird": (27, 33)},   # bird: not a multiple
+                 "B100": {"3096": (24, 30), "8023": (30, 24), "12084": (18, 36)}}
+
+
+def make_official(root, scales, rng):
+    """Writes a tiny TestDataSR; returns {(set, scale, name): (HR written, LR written)}."""
+    written = {}
+    for set_name, sizes in OFFICIAL_SETS.items():
+        for name, (h, w) in sizes.items():
+            hr = smooth_image(rng, h, w)          # one image per name, for all scales
+            for s in scales:
+                lr = imresize.downscale(imresize.mod_crop(hr, s), s)
+                save(root / "HR" / set_name / f"x{s}" / f"{name}.png", hr)
+                save(root / "LR" / "LRBI" / set_name / f"x{s}" / f"{name}.png", lr)
+                written[set_name, s, name] = hr, lr
+    return written
+
+
+def build_cli(*args):
+    return build_mod.main(["--dataset", "benchmark", "--num-workers", "1", *map(str, args)])
+
+
+def test_official_testdatasr_layout(tmp_path, capsys):
+    rng = np.random.default_rng(11)
+    root = tmp_path / "datasets" / "TestDataSR"
+    written = make_official(root, (2, 3), rng)
+    # No --name: every set found is built, at each scale.
+    assert build_cli("--manual-dir", root, "--scale", "2", "--scale", "3",
+                     "--data-dir", tmp_path / "d") == 0
+    assert "official HR/Set5/x3/ + LR/LRBI/Set5/x3/" in capsys.readouterr().out
+    for set_name, bench in (("Set5", "set5"), ("B100", "b100")):
+        for s in (2, 3):
+            src = open_source(bench, None, s, data_dir=tmp_path / "d")
+            names = sorted(OFFICIAL_SETS[set_name])       # sorted as file names
+            assert [src[i]["name"] for i in range(len(src))] == names
+            for i, name in enumerate(names):
+                hr, lr = written[set_name, s, name]
+                h, w = OFFICIAL_SETS[set_name][name]
+                assert src[i]["lr"].shape == (h // s, w // s, 3)
+                assert src[i]["hr"].shape == (h // s * s, w // s * s, 3)
+                np.testing.assert_array_equal(src[i]["hr"], hr[: h // s * s, : w // s * s])
+                lr_file = root / "LR" / "LRBI" / set_name / f"x{s}" / f"{name}.png"
+                np.testing.assert_array_equal(src[i]["lr"], np.asarray(Image.open(lr_file)))
+                np.testing.assert_array_equal(src[i]["lr"], lr)
+    for bench in ("set14", "urban100", "manga109"):
+        with pytest.raises(DatasetNotBuiltError):
+            open_source(bench, None, 2, data_dir=tmp_path / "d")
+    # --name with the parent folder finds TestDataSR below it.
+    build("benchmark", 2, tmp_path / "d2", name="b100", manual_dir=tmp_path / "datasets")
+    src = open_source("b100", None, 2, data_dir=tmp_path / "d2")
+    assert [src[i]["name"] for i in range(3)] == ["12084", "3096", "8023"]
+    assert "LR/LRBI/B100/x2" in src.description
+
+
+def _remove(path):
+    import shutil
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@pytest.mark.parametrize("case,args,problem,fix", [
+    ("no_lr_set", ["--name", "b100", "--scale", "2"],
+     "TestDataSR/HR/B100 has no LR folder", "images in {root}/LR/LRBI/B100/x2"),
+    ("no_scale", ["--name", "set5", "--scale", "4"],
+     "HR/Set5 has no x4 folder (it has x2, x3)", "or build another --scale"),
+    ("no_lr_scale", ["--name", "set5", "--scale", "3"],
+     "LR/LRBI/Set5 has no x3 folder", "add {root}/LR/LRBI/Set5/x3"),
+    ("hr_unpaired", ["--name", "set5", "--scale", "2"],
+     "no LR image for {root}/HR/Set5/x2/bird.png", "add it or remove the HR image"),
+    ("lr_unpaired", ["--name", "set5", "--scale", "2"],
+     "LR image {root}/LR/LRBI/Set5/x2/extra.png has no HR image", "remove the LR image"),
+    ("lr_suffix", ["--name", "set5", "--scale", "2"],
+     "no LR image for {root}/HR/Set5/x2/baby.png: expected {root}/LR/LRBI/Set5/x2/baby.png",
+     "add it"),
+    ("lr_size", ["--name", "set5", "--scale", "2"],
+     "LR size 5x5 does not match HR", "--skip-bad"),
+    ("no_set", ["--name", "set14", "--scale", "2"],
+     "HR has no folder for set14", "benchmarks there: set5, b100"),
+    ("hr_dir_given", ["--name", "set5", "--scale", "2", "--manual-dir", "{root}/HR"],
+     "holds x<s> folders", "give --manual-dir the TestDataSR folder"),
+])
+def test_official_layout_mistakes_are_one_line(tmp_path, capsys, case, args, problem, fix):
+    root = tmp_path / "TestDataSR"
+    make_official(root, (2, 3), np.random.default_rng(12))
+    lrbi = root / "LR" / "LRBI"
+    if case == "no_lr_set":
+        _remove(lrbi / "B100")
+    elif case == "no_lr_scale":
+        _remove(lrbi / "Set5" / "x3")
+    elif case == "hr_unpaired":
+        _remove(lrbi / "Set5" / "x2" / "bird.png")
+    elif case == "lr_unpaired":
+        save(lrbi / "Set5" / "x2" / "extra.png", np.zeros((8, 8, 3), np.uint8))
+    elif case == "lr_suffix":            # EDSR-style names are not the official layout's
+        (lrbi / "Set5" / "x2" / "baby.png").rename(lrbi / "Set5" / "x2" / "babyx2.png")
+    elif case == "lr_size":
+        save(lrbi / "Set5" / "x2" / "baby.png", np.zeros((5, 5, 3), np.uint8))
+    args = [a.format(root=root) for a in args]
+    if "--manual-dir" not in args:
+        args += ["--manual-dir", str(root)]
+    capsys.readouterr()
+    assert build_cli(*args, "--data-dir", tmp_path / "d") == 1
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1, err        # (TFDS's progress bars come before it)
+    line = err[err.index("error: "):]
+    assert line.endswith("\n") and line.count("\n") == 1, err
+    assert problem.format(root=root) in line and fix.format(root=root) in line, line
+
+
+def test_benchmark_without_name_builds_every_folder_found(tmp_path, capsys):
+    rng = np.random.default_rng(13)
+    make_layout(tmp_path / "benchmark" / "Set5", "edsr", 4, rng)
+    make_layout(tmp_path / "benchmark" / "urban100", "srf", 4, rng)
+    assert build_cli("--manual-dir", tmp_path / "benchmark", "--data-dir", tmp_path / "d") == 0
+    assert len(open_source("set5", None, 4, data_dir=tmp_path / "d")) == 2
+    assert len(open_source("urban100", None, 4, data_dir=tmp_path / "d")) == 2
+    with pytest.raises(DatasetNotBuiltError):
+        open_source("set14", None, 4, data_dir=tmp_path / "d")
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    assert build_cli("--manual-dir", tmp_path / "empty", "--data-dir", tmp_path / "d") == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "no benchmark found in" in err and "--name" in err
+
+
 # ------------------------------------------------------------------ DIV2K
 
 

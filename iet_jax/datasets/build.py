@@ -5,11 +5,15 @@
       --hr-dir DIV2K/DIV2K_train_HR --hr-dir Flickr2K/Flickr2K_HR --data-dir DIR
   python -m iet_jax.datasets.build --dataset benchmark --name set5 --scale 4 \\
       --manual-dir benchmarks/ --data-dir DIR
+  python -m iet_jax.datasets.build --dataset benchmark --scale all --manual-dir TestDataSR
   python -m iet_jax.datasets.build --dataset div2k --scale 4 --manual-dir zips/ --data-dir DIR
 
-``--scale`` may be repeated (or ``all``); ``--skip-bad`` skips unusable images, counting
-them (printed, and stored in the build's metadata.json and description); ``--subimage 480``
-stores training images as BasicSR-style sub-images (faster random patches on 2K images).
+Without ``--name``, ``--dataset benchmark`` builds every benchmark found in ``--manual-dir``
+(the official ``TestDataSR`` layout, ``HR/<Set>/x{s}/`` + ``LR/LRBI/<Set>/x{s}/``, or folders
+named after the benchmarks). ``--scale`` may be repeated (or ``all``); ``--skip-bad`` skips
+unusable images, counting them (printed, and stored in the build's metadata.json and
+description); ``--subimage 480`` stores training images as BasicSR-style sub-images (faster
+random patches on 2K images).
 
 TFDS's own ``div2k`` builder also works offline (it needs TensorFlow to build): put the
 official zips, with their original names, in a folder and run
@@ -49,9 +53,11 @@ def make_builder(dataset: str, scale: int, *, data_dir, name=None, hr_dirs=(), l
         return builders.FolderBuilder(name=name, hr_dirs=list(hr_dirs), lr_dirs=lr or None,
                                       **common)
     if dataset == "benchmark":
-        if not name or not manual_dir:
-            raise SystemExit(f"--dataset benchmark needs --name ({', '.join(BENCHMARKS)}) "
-                             "and --manual-dir")
+        if not manual_dir:
+            raise SystemExit("--dataset benchmark needs --manual-dir (the folder with the "
+                             "benchmarks, e.g. TestDataSR)")
+        if not name:
+            raise SystemExit(f"--dataset benchmark needs --name ({', '.join(BENCHMARKS)})")
         return builders.BenchmarkBuilder(name=name, manual_dir=manual_dir, **common)
     if dataset == "div2k":
         if not manual_dir:
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
                                 description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, choices=["demo", "paired", "benchmark", "div2k"])
     p.add_argument("--name", help="paired: the dataset's name (e.g. df2k); benchmark: "
-                   + "/".join(BENCHMARKS))
+                   + "/".join(BENCHMARKS) + " (default: every one in --manual-dir)")
     p.add_argument("--scale", action="append", default=None,
                    help="2, 3, 4 or all; repeatable (default 4)")
     p.add_argument("--hr-dir", action="append", default=[], help="paired: HR folder; repeatable")
@@ -109,13 +115,29 @@ def main(argv=None) -> int:
     if a.lr_dir and a.dataset == "paired" and len(scales) > 1:
         p.error("--lr-dir holds one scale's LR images: build one --scale at a time")
     data_dir = Path(a.data_dir).expanduser() if a.data_dir else default_data_dir()
-    for s in scales:
-        t0 = time.time()
-        out = build(a.dataset, s, data_dir=data_dir, name=a.name, hr_dirs=a.hr_dir,
-                    lr_dirs=a.lr_dir, manual_dir=a.manual_dir, skip_bad=a.skip_bad,
-                    num_workers=a.num_workers, overwrite=a.overwrite,
-                    subimage=a.subimage, subimage_step=a.subimage_step, storage=a.storage)
-        print(f"built {out} in {time.time() - t0:.1f} s")
+    try:
+        names = [a.name]
+        if a.dataset == "benchmark" and not a.name and a.manual_dir:
+            from iet_jax.datasets import builders
+
+            names = builders.benchmarks_in(a.manual_dir)
+            if not names:
+                raise FileNotFoundError(
+                    f"no benchmark found in {a.manual_dir} (neither the official HR/<Set>/x<s>/ "
+                    f"+ LR/LRBI/<Set>/x<s>/ nor folders named {', '.join(BENCHMARKS)}): give "
+                    "--name if it is one benchmark's folder")
+        for name in names:
+            for s in scales:
+                t0 = time.time()
+                out = build(a.dataset, s, data_dir=data_dir, name=name, hr_dirs=a.hr_dir,
+                            lr_dirs=a.lr_dir, manual_dir=a.manual_dir, skip_bad=a.skip_bad,
+                            num_workers=a.num_workers, overwrite=a.overwrite,
+                            subimage=a.subimage, subimage_step=a.subimage_step,
+                            storage=a.storage)
+                print(f"built {out} in {time.time() - t0:.1f} s")
+    except (FileNotFoundError, ValueError) as e:  # bad folders or images: named in e
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,7 +13,8 @@ Builders and their on-disk names (``<data_dir>/<name>/x<s>/1.0.0/``):
 
 * ``DemoBuilder`` (``iet_demo``): photographs shipped with scikit-image; train/validation.
 * ``FolderBuilder`` (``iet_<name>``): HR folders (+ optional LR folders); split ``train``.
-* ``BenchmarkBuilder`` (``iet_set5``, ...): benchmark folders from ``manual_dir``; split ``test``.
+* ``BenchmarkBuilder`` (``iet_set5``, ...): benchmark folders from ``manual_dir`` (the
+  official ``TestDataSR`` layout or the usual benchmark folders); split ``test``.
 * ``Div2kBuilder`` (``iet_div2k``): DIV2K's official zips (or their extracted folders) from
   ``manual_dir``; splits ``train`` and ``validation``.
 """
@@ -481,11 +482,15 @@ def _norm(s: str) -> str:
     return re.sub(r"[-_ ]", "", s.lower())
 
 
-def find_benchmark_dir(manual_dir, bench: str) -> Path:
-    """The folder of ``bench`` in ``manual_dir``: manual_dir itself or a child (any depth ≤ 2)."""
+def _manual_root(manual_dir) -> Path:
     root = Path(manual_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"manual_dir {root} is not a folder")
+    return root
+
+
+def _named_benchmark_dir(root: Path, bench: str) -> Path | None:
+    """The folder named after ``bench``: ``root`` itself or a child (any depth ≤ 2), or None."""
     aliases = BENCHMARK_ALIASES[bench]
     if _norm(root.name) in aliases:
         return root
@@ -493,8 +498,112 @@ def find_benchmark_dir(manual_dir, bench: str) -> Path:
         for p in sorted(root.glob(depth_glob)):
             if p.is_dir() and _norm(p.name) in aliases:
                 return p
+    return None
+
+
+def find_benchmark_dir(manual_dir, bench: str) -> Path:
+    """The folder of ``bench`` in ``manual_dir``: manual_dir itself or a child (any depth ≤ 2)."""
+    root = _manual_root(manual_dir)
     # No folder named after the benchmark: manual_dir is the benchmark's own folder.
-    return root
+    return _named_benchmark_dir(root, bench) or root
+
+
+def benchmarks_in(manual_dir) -> list[str]:
+    """The benchmarks in ``manual_dir``, in ``BENCHMARKS`` order: the sets of the official
+    layout, or else the benchmarks that have a folder named after them."""
+    root = _manual_root(manual_dir)
+    official = find_official_root(root)
+    if official is not None:
+        return list(official_sets(official))
+    return [b for b in BENCHMARKS if _named_benchmark_dir(root, b) is not None]
+
+
+# The official layout, read by every options/test/*.yml of IET:
+#   TestDataSR/HR/<Set>/x{s}/<file>  with  TestDataSR/LR/LRBI/<Set>/x{s}/<file>,
+# <Set> one of Set5, Set14, B100, Urban100, Manga109, and each LR file named exactly as its
+# HR file (the option files set no filename template).
+
+def _subdirs(folder: Path) -> dict[str, Path]:
+    """The subfolders of ``folder`` by lower-case name."""
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+def _official_parts(folder: Path) -> tuple[Path, Path] | None:
+    """``(HR/, LR/LRBI/)`` if ``folder`` is laid out as the official TestDataSR, else None."""
+    hr, lrbi = folder / "HR", folder / "LR" / "LRBI"
+    return (hr, lrbi) if hr.is_dir() and lrbi.is_dir() else None
+
+
+def find_official_root(manual_dir) -> Path | None:
+    """The folder in the official layout (with ``HR/`` and ``LR/LRBI/``): ``manual_dir`` or
+    a folder up to two levels below it; None if there is none."""
+    root = _manual_root(manual_dir)
+    for p in [root] + sorted(root.glob("*")) + sorted(root.glob("*/*")):
+        if p.is_dir() and _official_parts(p) is not None:
+            return p
+    return None
+
+
+def official_sets(root: Path) -> dict[str, Path]:
+    """The benchmarks under ``root/HR/`` (official layout): benchmark -> its HR folder."""
+    hr_root, _ = _official_parts(root)
+    found = {}
+    for p in _subdirs(hr_root).values():
+        for bench in BENCHMARKS:
+            if _norm(p.name) in BENCHMARK_ALIASES[bench]:
+                found.setdefault(bench, p)
+    return {b: found[b] for b in BENCHMARKS if b in found}
+
+
+def official_items(root: Path, bench: str, scale: int) -> tuple[Path, str, list[Item]]:
+    """The items of one benchmark in the official layout; returns (HR folder, layout, items).
+
+    Raises FileNotFoundError naming what is missing and what to do for a set without LR
+    folder, a missing ``x{s}`` folder, or a file without its pair.
+    """
+    hr_root, lr_root = _official_parts(root)
+    hr_sets = official_sets(root)
+    if bench not in hr_sets:
+        have = ", ".join(hr_sets) or "none"
+        raise FileNotFoundError(
+            f"{hr_root} has no folder for {bench} (official layout: {hr_root}/<Set>/x{scale}/; "
+            f"benchmarks there: {have}): add it, or build one of those")
+    hr_set = hr_sets[bench]
+    lr_set = next((p for p in _subdirs(lr_root).values()
+                   if _norm(p.name) in BENCHMARK_ALIASES[bench]), None)
+    if lr_set is None:
+        raise FileNotFoundError(
+            f"{hr_set} has no LR folder {lr_root / hr_set.name}: put the x{scale} bicubic LR "
+            f"images in {lr_root / hr_set.name / f'x{scale}'}, named as the HR files")
+    scales = sorted(n for n in _subdirs(hr_set) if re.fullmatch(r"x\d+", n))
+    hr_dir = _subdirs(hr_set).get(f"x{scale}")
+    if hr_dir is None:
+        raise FileNotFoundError(
+            f"{hr_set} has no x{scale} folder (it has {', '.join(scales) or 'none'}): add "
+            f"{hr_set / f'x{scale}'} and {lr_set / f'x{scale}'}, or build another --scale")
+    lr_dir = _subdirs(lr_set).get(f"x{scale}")
+    if lr_dir is None:
+        raise FileNotFoundError(
+            f"{lr_set} has no x{scale} folder for {hr_dir}: add {lr_set / f'x{scale}'} with "
+            f"the x{scale} bicubic LR images, named as the HR files")
+    hr_files = {p.name: p for p in images.list_images(hr_dir)}
+    lr_files = {p.name: p for p in images.list_images(lr_dir)}
+    if not hr_files:
+        raise FileNotFoundError(f"no images in {hr_dir}: put the HR images of {bench} there")
+    for name, p in hr_files.items():
+        if name not in lr_files:
+            raise FileNotFoundError(
+                f"no LR image for {p}: expected {lr_dir / name} (same file name); add it or "
+                "remove the HR image")
+    for name, p in lr_files.items():
+        if name not in hr_files:
+            raise FileNotFoundError(
+                f"LR image {p} has no HR image {hr_dir / name} (same file name); add it or "
+                "remove the LR image")
+    items = [Item(p.stem, Source.file(p), Source.file(lr_files[name]))
+             for name, p in hr_files.items()]
+    layout = f"official HR/{hr_set.name}/x{scale}/ + LR/LRBI/{lr_set.name}/x{scale}/"
+    return hr_set, layout, items
 
 
 def benchmark_layout(folder, scale: int) -> tuple[str, list[Item]]:
@@ -532,6 +641,10 @@ def benchmark_layout(folder, scale: int) -> tuple[str, list[Item]]:
         return f"{srf_any[0].name}/ *_HR (HR only)", _srf_items(srf_any[0], scale, with_lr=False)
     if images.list_images(folder):
         return "images in the folder (HR only)", pair_folders(folder, None, scale)
+    if any(re.fullmatch(r"x\d+", n) for n in sub):
+        raise FileNotFoundError(
+            f"{folder} holds x<s> folders, as the official TestDataSR/HR/<Set>/: give "
+            "--manual-dir the TestDataSR folder (the one with HR/ and LR/LRBI/)")
     raise FileNotFoundError(
         f"no benchmark images found in {folder}: expected HR/ (+ LR_bicubic/X{scale}/), "
         f"GTmod12/ (+ LRbicx{scale}/), image_SRF_{scale}/ with *_HR/*_LR files, or images "
@@ -557,7 +670,12 @@ def _srf_items(folder: Path, scale: int, with_lr: bool) -> list[Item]:
 
 
 class BenchmarkBuilder(SRBuilder, skip_registration=True):
-    """A benchmark test set (Set5, Set14, B100, Urban100, Manga109) from ``manual_dir``."""
+    """A benchmark test set (Set5, Set14, B100, Urban100, Manga109) from ``manual_dir``.
+
+    ``manual_dir`` holds the official layout (``find_official_root``: ``HR/<Set>/x{s}/`` +
+    ``LR/LRBI/<Set>/x{s}/``), or else the benchmark's folder in one of the layouts of
+    ``benchmark_layout``.
+    """
 
     name = "iet_benchmark"
 
@@ -572,8 +690,12 @@ class BenchmarkBuilder(SRBuilder, skip_registration=True):
         super().__init__(**kwargs)
 
     def _items(self):
-        folder = find_benchmark_dir(self.bench_manual_dir, self.bench)
-        layout, items = benchmark_layout(folder, self.scale)
+        official = find_official_root(self.bench_manual_dir)
+        if official is not None:
+            folder, layout, items = official_items(official, self.bench, self.scale)
+        else:
+            folder = find_benchmark_dir(self.bench_manual_dir, self.bench)
+            layout, items = benchmark_layout(folder, self.scale)
         self.DESCRIPTION = f"{self.bench} benchmark from {folder} (layout: {layout})."
         if self.verbose:
             print(f"{self.bench}: {len(items)} images in {folder} (layout: {layout})")
