@@ -203,6 +203,24 @@ def score(
     return jnp.concatenate([dense, sparse], axis=-1)
 
 
+def cascade(a: jax.Array, previous: jax.Array, train: bool) -> jax.Array:
+    """Weight this layer's attention by the previous layer's and renormalise each row.
+
+    The official model normalises differently in its two modes, and both are reproduced:
+    - training: `(a * prev + eps) / (sum(a * prev) + eps)`;
+    - evaluation (its in-place branch adds eps before summing):
+      `(a * prev + eps) / (sum(a * prev + eps) + eps)`, a denominator of
+      `sum(a * prev) + (K + 1) * eps`.
+    They agree unless a row's `sum(a * prev)` is tiny (two consecutive layers attending to
+    nearly disjoint candidates), where the difference then reaches top-k and the output.
+    """
+    a = a * previous
+    if train:
+        return (a + CASCADE_EPS) / (jnp.sum(a, axis=-1, keepdims=True) + CASCADE_EPS)
+    a = a + CASCADE_EPS
+    return a / (jnp.sum(a, axis=-1, keepdims=True) + CASCADE_EPS)
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -213,17 +231,20 @@ def attend(
     rpb: jax.Array | None,
     impl: str,
     deterministic: bool = False,
+    train: bool = False,
 ) -> tuple[jax.Array, AttnState]:
-    """Steps 1-5 of DESIGN.md section 2. q is already scaled by d^-1/2. Returns (B,h,N,d)."""
+    """Score, softmax, cascade, prune, aggregate. q is already scaled by d^-1/2.
+
+    `train` selects the training-mode cascade (see `cascade`). Returns (B,h,N,d) and the state.
+    """
     a = jax.nn.softmax(score(q, k, state, plan, initial, rpb, impl, deterministic), axis=-1)
     if plan.cascade:
-        a = a * state.attn
-        a = (a + CASCADE_EPS) / (jnp.sum(a, axis=-1, keepdims=True) + CASCADE_EPS)
+        a = cascade(a, state.attn, train)
     idx = state.idx
     if idx is None and (plan.prunes or plan.propagate is not None):
         idx = _broadcast_initial(initial, q.shape[0], q.shape[1])
     if plan.prunes:
-        a, pos = jax.lax.top_k(a, plan.keep)
+        a, pos = jax.lax.top_k(a, plan.keep, is_stable=True)  # ties: lowest list position first
         idx = jnp.take_along_axis(idx, pos, axis=-1)
     lists = idx if idx is not None else _broadcast_initial(initial, q.shape[0], q.shape[1])
     out = ops.gather_av(a, v, lists, impl, deterministic)
@@ -287,7 +308,7 @@ def propagate(
 ) -> jax.Array:
     """Grow each list with its best neighbours' best neighbours (two hops), no gradient."""
     attn = jax.lax.stop_gradient(attn)
-    _, pos = jax.lax.top_k(attn, k1)
+    _, pos = jax.lax.top_k(attn, k1, is_stable=True)
     hop1 = jnp.take_along_axis(idx, pos, axis=-1)  # (B,h,N,k1), best first
     hop2 = _per_head_rows(hop1[..., :k2], hop1)  # (B,h,N,k1,k2)
     extra = hop2.reshape(hop2.shape[:-2] + (k1 * k2,))
@@ -301,7 +322,7 @@ def propagate(
 
 def similar_tokens(idx: jax.Array, attn: jax.Array) -> jax.Array:
     """(B,h,N): each token's most attended candidate other than itself (for SF-FFN)."""
-    _, pos = jax.lax.top_k(attn, 2)
+    _, pos = jax.lax.top_k(attn, 2, is_stable=True)
     best = jnp.take_along_axis(idx, pos, axis=-1)
     self_index = jnp.arange(idx.shape[2], dtype=idx.dtype)
     return jnp.where(best[..., 0] == self_index, best[..., 1], best[..., 0])

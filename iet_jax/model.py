@@ -161,7 +161,7 @@ class IETLayer(nnx.Module):
         return t.reshape(b, h * w, self.heads, c // self.heads).transpose(0, 2, 1, 3)
 
     def __call__(self, x: jax.Array, state: attention.AttnState,
-                 initial: attention.InitialCandidates):
+                 initial: attention.InitialCandidates, train: bool):
         b, h, w, c = x.shape
         qkv = self.wqkv(self.norm1(x))
         q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -173,7 +173,7 @@ class IETLayer(nnx.Module):
         out, state = attention.attend(
             q, self._heads(k), self._heads(v).astype(attn_dtype), state, self.plan, initial,
             None if self.rpb is None else self.rpb[...], self.gather_impl,
-            self.gather_deterministic,
+            self.gather_deterministic, train,
         )
         out = out.transpose(0, 2, 1, 3).reshape(b, h, w, self.attn_dim).astype(x.dtype)
         y = self.proj(out + lepe)
@@ -214,10 +214,10 @@ class IETBlock(nnx.Module):
         dim = config.embed_dim
         self.conv = Bottleneck(dim, make) if block in BOTTLENECK_BLOCKS else make.conv(dim, dim, 3)
 
-    def __call__(self, x, state, initial):
+    def __call__(self, x, state, initial, train: bool):
         y = x
         for layer in self.layers:
-            y, state = layer(y, state, initial)
+            y, state = layer(y, state, initial, train)
         return x + self.conv(y), state
 
 
@@ -272,7 +272,11 @@ class IET(nnx.Module):
         return max(m, self.config.img_size) if train else m
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """(B, H, W, 3) in [0, 1] -> (B, sH, sW, 3). `train` pads like official training."""
+        """(B, H, W, 3) in [0, 1] -> (B, sH, sW, 3).
+
+        `train` follows the official training mode: padding to `img_size` and the
+        training-mode cascade normalisation (`attention.cascade`).
+        """
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected NHWC images (B, H, W, 3), got shape {x.shape}")
         cfg = self.config
@@ -288,9 +292,9 @@ class IET(nnx.Module):
         state = attention.AttnState(idx=None, attn=None)
         for block in self.blocks:
             if cfg.get("remat", False):  # recompute the block's activations in the backward pass
-                t, state = nnx.remat(lambda b, t, s: b(t, s, initial))(block, t, state)
+                t, state = nnx.remat(lambda b, t, s: b(t, s, initial, train))(block, t, state)
             else:
-                t, state = block(t, state, initial)
+                t, state = block(t, state, initial, train)
         f = self.conv_after_body(self.norm(t)) + f
         y = self.upsample(f) / cfg.img_range + mean
         return y[:, : height * cfg.scale, : width * cfg.scale]

@@ -1,7 +1,9 @@
 """Unit tests of the attention's index machinery against independent brute-force oracles."""
 
 import itertools
+from fractions import Fraction
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -152,3 +154,53 @@ def test_plan_refuses_bad_budgets():
         A.build_plan(((914, 225),), (300,), (2,), (10,), 914, ())
     with pytest.raises(ValueError, match="entries"):
         A.build_plan(((914,), (225,)), (2,), (2,), (0,), 914, ())
+
+
+def exact_cascade(a, prev, train):
+    """The official cascade in exact rational arithmetic on the float64 inputs."""
+    eps = Fraction(A.CASCADE_EPS)
+    products = [Fraction(x) * Fraction(p) for x, p in zip(a, prev)]
+    if train:
+        denominator = sum(products) + eps
+    else:
+        denominator = sum(x + eps for x in products) + eps
+    return np.array([float((x + eps) / denominator) for x in products])
+
+
+def test_cascade_modes_on_nearly_disjoint_attention():
+    # Two rows whose consecutive attentions barely overlap: sum(a * prev) ~ 1e-15, where the
+    # eval denominator's extra K * eps (K = 6) shifts every entry by ~6e-5 relative.
+    a = np.array([[0.6, 0.4, 1e-16, 1e-16, 0.0, 0.0],
+                  [1e-15, 3e-16, 0.5, 0.5, 0.0, 0.0]])
+    prev = np.array([[1e-15, 5e-16, 0.5, 0.3, 0.2, 0.0],
+                     [0.7, 0.3, 1e-16, 0.0, 0.0, 0.5]])
+    with jax.enable_x64(True):
+        for train in (True, False):
+            got = np.asarray(A.cascade(jnp.asarray(a), jnp.asarray(prev), train))
+            want = np.stack([exact_cascade(r, p, train) for r, p in zip(a, prev)])
+            np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+        train_mode = np.asarray(A.cascade(jnp.asarray(a), jnp.asarray(prev), True))
+        eval_mode = np.asarray(A.cascade(jnp.asarray(a), jnp.asarray(prev), False))
+    assert np.abs(eval_mode / train_mode - 1).max() > 1e-5
+
+
+def test_cascade_modes_agree_on_overlapping_attention():
+    rng = np.random.default_rng(3)
+    a, prev = rng.dirichlet(np.ones(9), 4), rng.dirichlet(np.ones(9), 4)
+    with jax.enable_x64(True):
+        got = [np.asarray(A.cascade(jnp.asarray(a), jnp.asarray(prev), t)) for t in (True, False)]
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-15)
+
+
+def test_attend_prunes_ties_by_list_position():
+    # Equal attention everywhere: top-k must keep the first list positions, in order.
+    b, h, n, k, d = 1, 2, 12, 8, 4
+    idx = jnp.asarray(np.random.default_rng(4).integers(0, n, (b, h, n, k)), jnp.int32)
+    q = jnp.zeros((b, h, n, d))
+    v = jnp.asarray(np.random.default_rng(5).random((b, h, n, d)))
+    plan = A.LayerPlan(block=1, layer=1, candidates_in=k, keep=3, on_initial=False,
+                       cascade=True, has_rpb=False, propagate=None, similarity=False)
+    state = A.AttnState(idx=idx, attn=jnp.full((b, h, n, k), 1 / k))
+    _, new = A.attend(q, q, v, state, plan, None, None, "xla")
+    np.testing.assert_array_equal(new.idx, idx[..., :3])
+    np.testing.assert_array_equal(new.attn, 1 / k)
