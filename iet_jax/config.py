@@ -254,6 +254,9 @@ def training_config(*, model: ml_collections.ConfigDict, dataset: str, patch_siz
         b2=0.99,
         eps=1e-10,  # the official MuonWithAuxAdam's Adam epsilon
         muon=True,  # 4-D conv kernels with Muon at muon_lr_scale x the rate; False: all Adam
+        # "official": the muon-optimizer package's update (bfloat16 Newton-Schulz, no bias
+        # correction); "optax": optax.contrib.muon. See iet_jax.optim.
+        muon_variant="official",
         muon_lr_scale=muon_lr_scale,
         muon_momentum=0.95,
         grad_clip_norm=0.0,  # >0: clip gradients to this global norm

@@ -104,6 +104,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                           f"{config.param_sharding!r}")
     if config.optim.learning_rate <= 0:
         raise ConfigError(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
+    if config.optim.muon_variant not in optim_lib.MUON_VARIANTS:
+        raise ConfigError(f"optim.muon_variant must be one of {optim_lib.MUON_VARIANTS}, got "
+                          f"{config.optim.muon_variant!r}")
     if list(config.optim.milestones) != sorted(config.optim.milestones):
         raise ConfigError(f"optim.milestones must be increasing, got {config.optim.milestones}")
     check_init_from(config, model_cfg)

@@ -204,6 +204,11 @@ def test_other_fields_are_named(tmp_path):
     cfg.data.scale = 3
     with pytest.raises(ConfigError, match=r"data\.scale \(3\) must equal model\.scale \(2\)"):
         train.validate_config(cfg)
+    cfg = tiny_config()
+    cfg.optim.muon_variant = "keller"
+    with pytest.raises(ConfigError, match=r"optim\.muon_variant must be one of \('official', "
+                                          r"'optax'\), got 'keller'"):
+        train.validate_config(cfg)
 
 
 def test_command_line_overrides_and_refusal(tmp_path, capsys):
