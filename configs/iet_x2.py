@@ -1,4 +1,5 @@
-"""IET (classical) x2: `configs/iet_x2.py` (official training settings) or `configs/iet_x2.py:eval`
+"""IET (classical) x2, first stage (the official 000_IET_SRx2_scratch; configs/iet_x2_finetune.py
+continues it): `configs/iet_x2.py` (official training settings) or `configs/iet_x2.py:eval`
 (the settings the released checkpoint was evaluated with)."""
 
 from iet_jax.config import recipe

@@ -173,46 +173,66 @@ def from_options_file(path: str | Path, **overrides: Any) -> ml_collections.Conf
 
 # ----------------------------------------------------------------------------- training recipes
 
-# Official training recipes (options/train/*.yml, DESIGN.md section 5). `batch` is the global
-# batch: per-GPU batch x GPUs of the official runs. x3/x4 fine-tune from the x2 model.
-OFFICIAL_RECIPES: dict[tuple[str, int], dict[str, Any]] = {
-    ("iet", 2): dict(dataset="df2k", patch_size=58, batch_size=6 * 8, learning_rate=2e-4,
-                     num_steps=400_000, milestones=(250_000, 350_000, 375_000, 390_000),
-                     warmup_steps=10_000, init_from=""),
-    ("iet", 3): dict(dataset="df2k", patch_size=82, batch_size=3 * 8, learning_rate=2e-5,
-                     num_steps=250_000, milestones=(50_000, 70_000, 90_000, 95_000),
-                     warmup_steps=100, init_from="workdirs/iet_x2"),
-    ("iet", 4): dict(dataset="df2k", patch_size=56, batch_size=6 * 8, learning_rate=3e-5,
-                     num_steps=250_000, milestones=(50_000, 70_000, 90_000, 95_000),
-                     warmup_steps=1000, init_from="workdirs/iet_x2"),
-    ("iet_light", 2): dict(dataset="div2k", patch_size=78, batch_size=14 * 4,
-                           learning_rate=5e-4, num_steps=400_000,
-                           milestones=(200_000, 300_000, 350_000, 375_000, 390_000),
-                           warmup_steps=20_000, init_from=""),
-    ("iet_light", 3): dict(dataset="div2k", patch_size=78, batch_size=14 * 4,
-                           learning_rate=5e-4, num_steps=250_000,
-                           milestones=(25_000, 40_000, 50_000, 60_000), warmup_steps=10_000,
-                           init_from="workdirs/iet_light_x2"),
-    ("iet_light", 4): dict(dataset="div2k", patch_size=78, batch_size=14 * 4,
-                           learning_rate=5e-4, num_steps=250_000,
-                           milestones=(50_000, 70_000, 90_000, 100_000), warmup_steps=10_000,
-                           init_from="workdirs/iet_light_x2"),
+# Official training recipes, one per options/train/*.yml, keyed (variant, scale, stage).
+# `batch_size` is the global batch: per-GPU batch x the GPUs of the official README's commands
+# (8 for IET, 4 for IET-light). `remat` is the option file's `use_checkpoint`; `network`
+# holds train-settings network fields that differ from OFFICIAL_NETWORKS. `init_from` is the
+# stage each one starts from: x2 fine-tuning from x2 scratch, x3/x4 from the final x2 model
+# (classical: the x2 fine-tune, whose network the released x2 weights are evaluated with).
+OFFICIAL_RECIPES: dict[tuple[str, int, str], dict[str, Any]] = {
+    ("iet", 2, "scratch"): dict(  # 000_IET_SRx2_scratch
+        dataset="df2k", patch_size=58, batch_size=6 * 8, learning_rate=2e-4, num_steps=400_000,
+        milestones=(250_000, 350_000, 375_000, 390_000), warmup_steps=10_000, init_from="",
+        remat=False),
+    ("iet", 2, "finetune"): dict(  # 001_IET_SRx2_finetune
+        dataset="df2k", patch_size=82, batch_size=3 * 8, learning_rate=3e-5, num_steps=250_000,
+        milestones=(100_000, 150_000, 170_000, 190_000, 200_000), warmup_steps=100,
+        init_from="workdirs/iet_x2", remat=True, network=dict(dilation=3, img_size=82)),
+    ("iet", 3, "finetune"): dict(  # 002_IET_SRx3_finetune
+        dataset="df2k", patch_size=82, batch_size=3 * 8, learning_rate=2e-5, num_steps=250_000,
+        milestones=(50_000, 70_000, 90_000, 95_000), warmup_steps=100,
+        init_from="workdirs/iet_x2_finetune", remat=True),
+    ("iet", 4, "finetune"): dict(  # 003_IET_SRx4_finetune
+        dataset="df2k", patch_size=56, batch_size=6 * 8, learning_rate=3e-5, num_steps=250_000,
+        milestones=(50_000, 70_000, 90_000, 95_000), warmup_steps=1000,
+        init_from="workdirs/iet_x2_finetune", remat=True),
+    ("iet_light", 2, "scratch"): dict(  # 101_IET_light_SRx2_scratch
+        dataset="div2k", patch_size=78, batch_size=14 * 4, learning_rate=5e-4,
+        num_steps=400_000, milestones=(200_000, 300_000, 350_000, 375_000, 390_000),
+        warmup_steps=20_000, init_from="", remat=False),
+    ("iet_light", 3, "finetune"): dict(  # 102_IET_light_SRx3_finetune
+        dataset="div2k", patch_size=78, batch_size=14 * 4, learning_rate=5e-4,
+        num_steps=250_000, milestones=(25_000, 40_000, 50_000, 60_000), warmup_steps=10_000,
+        init_from="workdirs/iet_light_x2", remat=False),
+    ("iet_light", 4, "finetune"): dict(  # 103_IET_light_SRx4_finetune
+        dataset="div2k", patch_size=78, batch_size=14 * 4, learning_rate=5e-4,
+        num_steps=250_000, milestones=(50_000, 70_000, 90_000, 100_000), warmup_steps=10_000,
+        init_from="workdirs/iet_light_x2", remat=False),
 }
 # Muon's learning rate is this multiple of the base rate (the official `scale` option).
 MUON_LR_SCALE = {"iet": 5.0, "iet_light": 6.0}
 
 
-def recipe(variant: str, scale: int, settings: str | None = None) -> ml_collections.ConfigDict:
+def recipe(variant: str, scale: int, settings: str | None = None, stage: str | None = None
+           ) -> ml_collections.ConfigDict:
     """The top-level config of an official recipe: `configs/<name>.py[:train|:eval]`.
 
-    `model` holds the network (official train or eval settings); the other fields drive
-    `python -m iet_jax.train` (see `training_config` for their meaning).
+    `stage` is 'scratch' or 'finetune' (default: 'scratch' at x2, 'finetune' at x3/x4; only
+    IET x2 has both). `model` holds the network (official train or eval settings); the other
+    fields drive `python -m iet_jax.train` (see `training_config` for their meaning).
     """
     settings = settings or "train"
-    config = training_config(model=official(variant, scale, settings),
-                             muon_lr_scale=MUON_LR_SCALE[variant],
-                             **OFFICIAL_RECIPES[variant, scale])
-    config.name = f"{variant}_x{scale}"
+    default_stage = "scratch" if scale == 2 else "finetune"
+    stage = stage or default_stage
+    if (variant, scale, stage) not in OFFICIAL_RECIPES:
+        raise ValueError(f"no official recipe {(variant, scale, stage)}; choose one of "
+                         f"{sorted(OFFICIAL_RECIPES)}")
+    entry = dict(OFFICIAL_RECIPES[variant, scale, stage])
+    network = entry.pop("network", {})
+    model = official(variant, scale, settings, remat=entry.pop("remat"),
+                     **(network if settings == "train" else {}))
+    config = training_config(model=model, muon_lr_scale=MUON_LR_SCALE[variant], **entry)
+    config.name = f"{variant}_x{scale}" + ("" if stage == default_stage else f"_{stage}")
     config.settings = settings
     return config
 
@@ -263,7 +283,10 @@ def training_config(*, model: ml_collections.ConfigDict, dataset: str, patch_siz
         grad_accum_steps=1,  # micro-batches per step (the global batch is split in these)
     ))
     config.ema_decay = 0.999  # 0 disables EMA (EMA weights then equal the parameters)
-    config.init_from = init_from  # x3/x4: a x2 training workdir or model dir ('' = scratch)
+    # Where the weights start: a training workdir, a model dir or an official .pth ('' =
+    # scratch). Parameters from its `params`, EMA from its `params_ema` (a workdir's params and
+    # ema); a source holding one set starts both from it.
+    config.init_from = init_from
     config.nonfinite = "stop"  # non-finite loss/gradients: "stop" or "skip" (and count)
 
     config.checkpoint_every = 1000

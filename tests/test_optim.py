@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -14,31 +16,76 @@ from iet_jax import config as config_lib
 from iet_jax import optim
 from iet_jax.model import IET
 
-TABLE = {  # recipe: (dataset, LR patch, global batch, lr, iterations, milestones, warm-up)
-    ("iet", 2): ("df2k", 58, 48, 2e-4, 400_000, (250_000, 350_000, 375_000, 390_000), 10_000),
-    ("iet", 3): ("df2k", 82, 24, 2e-5, 250_000, (50_000, 70_000, 90_000, 95_000), 100),
-    ("iet", 4): ("df2k", 56, 48, 3e-5, 250_000, (50_000, 70_000, 90_000, 95_000), 1000),
-    ("iet_light", 2): ("div2k", 78, 56, 5e-4, 400_000,
-                       (200_000, 300_000, 350_000, 375_000, 390_000), 20_000),
-    ("iet_light", 3): ("div2k", 78, 56, 5e-4, 250_000, (25_000, 40_000, 50_000, 60_000), 10_000),
-    ("iet_light", 4): ("div2k", 78, 56, 5e-4, 250_000, (50_000, 70_000, 90_000, 100_000), 10_000),
+TABLE = {  # options/train/*.yml: (dataset, LR patch, global batch, lr, iterations, milestones,
+    # warm-up, remat (use_checkpoint), starts from)
+    ("iet", 2, "scratch"): ("df2k", 58, 48, 2e-4, 400_000,
+                            (250_000, 350_000, 375_000, 390_000), 10_000, False, ""),
+    ("iet", 2, "finetune"): ("df2k", 82, 24, 3e-5, 250_000,
+                             (100_000, 150_000, 170_000, 190_000, 200_000), 100, True,
+                             "workdirs/iet_x2"),
+    ("iet", 3, "finetune"): ("df2k", 82, 24, 2e-5, 250_000, (50_000, 70_000, 90_000, 95_000),
+                             100, True, "workdirs/iet_x2_finetune"),
+    ("iet", 4, "finetune"): ("df2k", 56, 48, 3e-5, 250_000, (50_000, 70_000, 90_000, 95_000),
+                             1000, True, "workdirs/iet_x2_finetune"),
+    ("iet_light", 2, "scratch"): ("div2k", 78, 56, 5e-4, 400_000,
+                                  (200_000, 300_000, 350_000, 375_000, 390_000), 20_000, False,
+                                  ""),
+    ("iet_light", 3, "finetune"): ("div2k", 78, 56, 5e-4, 250_000,
+                                   (25_000, 40_000, 50_000, 60_000), 10_000, False,
+                                   "workdirs/iet_light_x2"),
+    ("iet_light", 4, "finetune"): ("div2k", 78, 56, 5e-4, 250_000,
+                                   (50_000, 70_000, 90_000, 100_000), 10_000, False,
+                                   "workdirs/iet_light_x2"),
 }
+# Train-settings networks (dilation, img_size): 001 changes both from 000's.
+NETWORKS = {("iet", 2, "scratch"): (2, 58), ("iet", 2, "finetune"): (3, 82),
+            ("iet", 3, "finetune"): (3, 82), ("iet", 4, "finetune"): (2, 56)}
 
 
-@pytest.mark.parametrize("variant,scale", sorted(TABLE))
-def test_recipe_fields(variant, scale):
-    cfg = config_lib.recipe(variant, scale)
-    dataset, patch, batch, lr, steps, milestones, warmup = TABLE[variant, scale]
+@pytest.mark.parametrize("variant,scale,stage", sorted(TABLE))
+def test_recipe_fields(variant, scale, stage):
+    cfg = config_lib.recipe(variant, scale, stage=stage)
+    dataset, patch, batch, lr, steps, milestones, warmup, remat, start = TABLE[variant, scale, stage]
     assert (cfg.data.dataset, cfg.data.patch_size, cfg.batch_size) == (dataset, patch, batch)
     assert (cfg.optim.learning_rate, cfg.num_steps) == (lr, steps)
     assert (tuple(cfg.optim.milestones), cfg.optim.warmup_steps) == (milestones, warmup)
     assert cfg.optim.gamma == 0.5 and cfg.optim.weight_decay == 1e-3
-    assert (cfg.optim.b1, cfg.optim.b2) == (0.9, 0.99)
+    assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.eps) == (0.9, 0.99, 1e-10)
     assert cfg.optim.muon and cfg.optim.muon_lr_scale == (5.0 if variant == "iet" else 6.0)
+    assert cfg.optim.muon_variant == "official" and cfg.optim.muon_momentum == 0.95
     assert cfg.ema_decay == 0.999
     assert cfg.data.scale == cfg.model.scale == scale
-    assert bool(cfg.init_from) == (scale != 2)  # x3/x4 fine-tune from the x2 model
+    assert cfg.model.remat == remat
+    assert cfg.init_from == start
+    if (variant, scale, stage) in NETWORKS:
+        assert (cfg.model.dilation, cfg.model.img_size) == NETWORKS[variant, scale, stage]
     assert cfg.data.patch_size >= cfg.model.sparse_range * cfg.model.dilation
+    assert cfg.data.patch_size >= cfg.model.img_size
+    # the config files name the recipes
+    name = f"{variant}_x{scale}" + ("_finetune" if (scale, stage) == (2, "finetune") else "")
+    assert cfg.name == name
+    from_file = _config_file(name).get_config()
+    assert from_file.to_json() == cfg.to_json()
+    assert _config_file(name).get_config("eval").model == config_lib.recipe(
+        variant, scale, "eval", stage).model
+
+
+def _config_file(name):
+    import importlib.util
+    path = Path(__file__).parent.parent / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_default_stage_and_refusal():
+    assert config_lib.recipe("iet", 2).to_json() == config_lib.recipe("iet", 2, stage="scratch").to_json()
+    assert config_lib.recipe("iet", 4).name == "iet_x4"
+    eval_ft = config_lib.recipe("iet", 2, "eval", stage="finetune")
+    assert eval_ft.model == config_lib.official("iet", 2, "eval", remat=True)
+    with pytest.raises(ValueError, match=r"no official recipe \('iet_light', 2, 'finetune'\); choose one of"):
+        config_lib.recipe("iet_light", 2, stage="finetune")
 
 
 def test_schedule_warmup_and_milestones():

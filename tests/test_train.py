@@ -220,8 +220,8 @@ def test_command_line_overrides_and_refusal(tmp_path, capsys):
 
 
 def test_official_recipes_validate():
-    for variant, scale in (("iet", 4), ("iet_light", 3)):  # (tracing IET takes a while)
-        cfg = config_lib.recipe(variant, scale)
+    for variant, scale, stage in (("iet", 4, None), ("iet", 2, "finetune"), ("iet_light", 3, None)):
+        cfg = config_lib.recipe(variant, scale, stage=stage)  # (tracing IET takes a while)
         cfg.init_from = ""
         train.validate_config(cfg)
 
