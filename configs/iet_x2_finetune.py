@@ -1,6 +1,7 @@
-"""IET (classical) x2, second stage (the official 001_IET_SRx2_finetune): `configs/iet_x2_finetune.py`
-(official training settings: LR patch 82, dilation 3, remat, from workdirs/iet_x2) or
-`configs/iet_x2_finetune.py:eval` (the network the released x2 checkpoint was evaluated with)."""
+"""IET (classical) x2, second stage (the official 001_IET_SRx2_finetune):
+`configs/iet_x2_finetune.py` (official training settings: LR patch 82, dilation 3, remat,
+starting from workdirs/iet_x2) or `configs/iet_x2_finetune.py:eval` (the network the released
+x2 checkpoint was evaluated with)."""
 
 from iet_jax.config import recipe
 

@@ -45,7 +45,8 @@ NETWORKS = {("iet", 2, "scratch"): (2, 58), ("iet", 2, "finetune"): (3, 82),
 @pytest.mark.parametrize("variant,scale,stage", sorted(TABLE))
 def test_recipe_fields(variant, scale, stage):
     cfg = config_lib.recipe(variant, scale, stage=stage)
-    dataset, patch, batch, lr, steps, milestones, warmup, remat, start = TABLE[variant, scale, stage]
+    dataset, patch, batch, lr, steps, milestones, warmup, remat, start = TABLE[
+        variant, scale, stage]
     assert (cfg.data.dataset, cfg.data.patch_size, cfg.batch_size) == (dataset, patch, batch)
     assert (cfg.optim.learning_rate, cfg.num_steps) == (lr, steps)
     assert (tuple(cfg.optim.milestones), cfg.optim.warmup_steps) == (milestones, warmup)
@@ -80,11 +81,13 @@ def _config_file(name):
 
 
 def test_recipe_default_stage_and_refusal():
-    assert config_lib.recipe("iet", 2).to_json() == config_lib.recipe("iet", 2, stage="scratch").to_json()
+    scratch = config_lib.recipe("iet", 2, stage="scratch")
+    assert config_lib.recipe("iet", 2).to_json() == scratch.to_json()
     assert config_lib.recipe("iet", 4).name == "iet_x4"
     eval_ft = config_lib.recipe("iet", 2, "eval", stage="finetune")
     assert eval_ft.model == config_lib.official("iet", 2, "eval", remat=True)
-    with pytest.raises(ValueError, match=r"no official recipe \('iet_light', 2, 'finetune'\); choose one of"):
+    with pytest.raises(ValueError,
+                       match=r"no official recipe \('iet_light', 2, 'finetune'\); choose one of"):
         config_lib.recipe("iet_light", 2, stage="finetune")
 
 
@@ -253,7 +256,8 @@ def test_the_oracle_check_sees_bfloat16_and_the_optax_variant():
 def test_muon_variant_is_validated():
     cfg = config_lib.recipe("iet", 2).optim
     cfg.muon_variant = "keller"
-    with pytest.raises(ValueError, match=r"optim\.muon_variant must be one of \('official', 'optax'\), got 'keller'"):
+    with pytest.raises(ValueError, match=r"optim\.muon_variant must be one of "
+                                         r"\('official', 'optax'\), got 'keller'"):
         optim.make_optimizer(cfg)
 
 
