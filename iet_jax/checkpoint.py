@@ -189,12 +189,15 @@ def workdir_step(directory: str | Path, which: str | int = "latest") -> int:
 
 
 def load_training_model(directory: str | Path, dtype: str | None = None,
-                        which: str | int = "latest") -> IET:
-    """The EMA weights of a training checkpoint, in the model the workdir's config.json holds."""
+                        which: str | int = "latest", item: str = WORKDIR_WEIGHTS) -> IET:
+    """The EMA weights (`item="params"`: the trained parameters) of a training checkpoint, in
+    the model the workdir's config.json holds."""
+    if item not in ("ema", "params"):
+        raise ValueError(f"item must be 'ema' or 'params', got {item!r}")
     directory = Path(directory).absolute()
     step = workdir_step(directory, which)
     graphdef, state, target = _empty_model(directory, dtype)
-    path = directory / WORKDIR_CHECKPOINTS / str(step) / WORKDIR_WEIGHTS
+    path = directory / WORKDIR_CHECKPOINTS / str(step) / item
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     # One item of a CheckpointManager step: read it with its handler. It was saved from a
     # device mesh; restore it onto one local device whatever that mesh was.

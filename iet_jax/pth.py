@@ -279,14 +279,16 @@ def load_pth(path: str | os.PathLike[str]) -> dict[str, Any]:
     return obj
 
 
-def select_state_dict(obj: dict[str, Any]) -> tuple[dict[str, np.ndarray], str]:
+def select_state_dict(obj: dict[str, Any], prefer: tuple[str, ...] = ("params_ema", "params")
+                      ) -> tuple[dict[str, np.ndarray], str]:
     """Pick the network weights from a loaded checkpoint the way BasicSR does.
 
-    Prefers `params_ema` (the EMA weights the released models are evaluated with), then
-    `params`, then `obj` itself if it is already a flat dict of arrays. Returns the state dict
-    with any DataParallel `module.` prefix stripped, and the key it came from ("" for `obj`).
+    Takes the first key of `prefer` that `obj` has (by default `params_ema`, the EMA weights
+    the released models are evaluated with, then `params`), else `obj` itself if it is already
+    a flat dict of arrays. Returns the state dict with any DataParallel `module.` prefix
+    stripped, and the key it came from ("" for `obj`).
     """
-    which = next((k for k in ("params_ema", "params") if k in obj), "")
+    which = next((k for k in prefer if k in obj), "")
     state = obj[which] if which else obj
     if not (isinstance(state, dict) and state
             and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items())):

@@ -31,7 +31,9 @@ from flax import nnx
 
 from iet_jax import checkpoint as checkpoint_lib
 from iet_jax import config as config_lib
+from iet_jax import convert
 from iet_jax import optim as optim_lib
+from iet_jax import pth
 from iet_jax import sharding as sharding_lib
 from iet_jax import train_state as ts
 from iet_jax.model import IET
@@ -114,18 +116,21 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 
 def check_init_from(config: ml_collections.ConfigDict, model_cfg) -> None:
-    """An initialisation checkpoint must exist and hold the same architecture."""
+    """An initialisation source must exist; a workdir or model dir must hold the same
+    architecture (an official .pth is checked key by key when it is loaded)."""
     path = config.init_from
     if not path:
         return
     directory = Path(path)
+    if directory.is_file():
+        return
     config_file = directory / checkpoint_lib.CONFIG_FILE
     if not config_file.is_file():
         raise ConfigError(
-            f"init_from: {path!r} is not a training workdir or model directory (no "
-            f"{checkpoint_lib.CONFIG_FILE}). Train the x2 recipe into it first, pass "
-            f"--config.init_from=<x2 workdir or converted model dir>, or "
-            f"--config.init_from='' to train from scratch")
+            f"init_from: {path!r} is not a training workdir, model directory (no "
+            f"{checkpoint_lib.CONFIG_FILE}) or .pth file. Train the earlier stage into it "
+            f"first, pass --config.init_from=<workdir, converted model dir or official .pth>, "
+            f"or --config.init_from='' to train from scratch")
     source = json.loads(config_file.read_text())
     diff = []
     for field in ARCHITECTURE_FIELDS:
@@ -171,35 +176,87 @@ def apply_model(graphdef, params, x, *, train: bool):
     return nnx.merge(graphdef, checkpoint_lib.with_int_keys(params))(x, train=train)
 
 
-def load_init_params(path: str, params: dict) -> tuple[dict, list[str]]:
-    """Fill `params` from an x2 (or any same-architecture) checkpoint's EMA weights.
+def _flat(tree) -> dict:
+    """'blocks/0/layers/1/wqkv/kernel' -> leaf."""
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _model_weights(model) -> dict:
+    return _flat(checkpoint_lib.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+
+
+# Official keys of the upsampler, which may differ between scales (BasicSR's strict=False).
+_OFFICIAL_UPSAMPLER = ("upsample.", "conv_before_upsample.", "conv_last.")
+
+
+def _official_weights(state_dict: dict, model_cfg, path: str) -> dict:
+    """An official state dict in our names and layouts; unknown keys outside the upsampler
+    are refused."""
+    keys = convert.official_keys(checkpoint_lib.abstract_model(model_cfg))
+    unknown = sorted(k for k in state_dict
+                     if k not in keys and not k.startswith(_OFFICIAL_UPSAMPLER))
+    if unknown:
+        raise ConfigError(f"init_from: {path} holds keys this model does not have (another "
+                          f"architecture?): {unknown[:10]}")
+    return {"/".join(str(p) for p in keys[k][0]): keys[k][1].to_ours(np.asarray(v))
+            for k, v in state_dict.items() if k in keys}
+
+
+def init_weights(path: str, model_cfg) -> tuple[dict, dict, str]:
+    """(training weights, EMA weights, what they came from) of an `init_from` source, as flat
+    dicts in our names. Like BasicSR: the parameters start from the source's `params`, the EMA
+    from its `params_ema`; a source with only one of them starts both from it."""
+    source = Path(path)
+    if source.is_file():  # an official (BasicSR) .pth
+        try:
+            obj = pth.load_pth(source)
+            train_sd, train_key = pth.select_state_dict(obj, ("params", "params_ema"))
+            ema_sd, ema_key = pth.select_state_dict(obj, ("params_ema", "params"))
+        except ValueError as e:
+            raise ConfigError(f"init_from: {e}") from e
+        return (_official_weights(train_sd, model_cfg, path),
+                _official_weights(ema_sd, model_cfg, path),
+                f"parameters from {train_key or 'the state dict'!r}, EMA from "
+                f"{ema_key or 'the state dict'!r}")
+    if checkpoint_lib.is_training_workdir(source):
+        step = checkpoint_lib.workdir_step(source)
+        return (_model_weights(checkpoint_lib.load_training_model(source, item="params")),
+                _model_weights(checkpoint_lib.load_training_model(source, item="ema")),
+                f"parameters and EMA of its step {step}")
+    weights = _model_weights(checkpoint_lib.load_model(source))
+    return weights, weights, "parameters and EMA from its one set of weights"
+
+
+def load_init_params(path: str, params: dict, model_cfg) -> tuple[dict, dict, list[str], str]:
+    """Fill `params` (the training weights) and a copy (the EMA) from `init_weights(path)`.
 
     Every parameter outside the upsampler must be present with the same shape; upsampler
     parameters are taken where their shapes agree (x4 from x2: the first stage) and stay
-    freshly initialised otherwise. Returns (params, names left fresh).
+    freshly initialised otherwise. Returns (params, ema, names left fresh, description).
     """
-    source = checkpoint_lib.load_model(path)
-    src = checkpoint_lib.with_str_keys(nnx.to_pure_dict(nnx.state(source, nnx.Param)))
-    src_flat = {"/".join(str(getattr(k, "key", k)) for k in p): v
-                for p, v in jax.tree_util.tree_leaves_with_path(src)}
-    fresh, problems = [], []
+    train_src, ema_src, description = init_weights(path, model_cfg)
+    fresh, problems = set(), []
 
-    def take(path, leaf):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        value = src_flat.get(name)
-        if value is not None and tuple(value.shape) == tuple(leaf.shape):
-            return jnp.asarray(value, leaf.dtype)
-        if name.startswith("upsample/"):
-            fresh.append(name)
+    def fill(src):
+        def take(key_path, leaf):
+            name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+            value = src.get(name)
+            if value is not None and tuple(value.shape) == tuple(leaf.shape):
+                return jnp.asarray(value, leaf.dtype)
+            if name.startswith("upsample/"):
+                fresh.add(name)
+                return leaf
+            problems.append(f"{name}: {None if value is None else tuple(value.shape)} in the "
+                            f"checkpoint vs {tuple(leaf.shape)} here")
             return leaf
-        problems.append(f"{name}: {None if value is None else tuple(value.shape)} in the "
-                        f"checkpoint vs {tuple(leaf.shape)} here")
-        return leaf
 
-    out = jax.tree_util.tree_map_with_path(take, params)
+        return jax.tree_util.tree_map_with_path(take, params)
+
+    out_params, out_ema = fill(train_src), fill(ema_src)
     if problems:
         raise ConfigError(f"init_from: {path} does not fit the model:\n  " + "\n  ".join(problems[:20]))
-    return out, fresh
+    return out_params, out_ema, sorted(fresh), description
 
 
 # ----------------------------------------------------------------------------- the train step
@@ -439,14 +496,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             start, best = 0, None
             state = jax.jit(create, out_shardings=shardings)()
             if config.init_from:
-                params, fresh = load_init_params(config.init_from, jax.device_get(state.params))
-                params = jax.device_get(params)
-                ema = jax.device_put(params, shardings.ema)  # separate buffers: both donated
+                params, ema, fresh, description = load_init_params(
+                    config.init_from, jax.device_get(state.params), model_cfg)
+                params, ema = jax.device_get((params, ema))
+                ema = jax.device_put(ema, shardings.ema)  # separate buffers: both donated
                 params = jax.device_put(params, shardings.params)
                 state = state.replace(params=params, ema=ema,
                                       opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-                if lead and fresh:
-                    print(f"init_from {config.init_from}: freshly initialised {fresh}")
+                if lead:
+                    print(f"init_from {config.init_from}: {description}")
+                    if fresh:
+                        print(f"init_from {config.init_from}: freshly initialised {fresh}")
         key = (model_cfg.to_json(), config.optim.to_json(), float(config.ema_decay),
                config.param_sharding, tuple(mesh.device_ids.flat), tuple(mesh.shape.items()))
         step_fn = _STEP_CACHE.get(key)

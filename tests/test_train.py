@@ -138,6 +138,116 @@ def test_tiny_run(tmp_path, monkeypatch):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+# ----------------------------------------------------------------------------- init_from
+
+OFFICIAL_TINY = Path(__file__).parent / "fixtures" / "official_tiny"
+
+
+def _ours(model_cfg, state_dict):
+    """An official state dict as our nested parameter dict (string keys)."""
+    from flax import nnx
+    from iet_jax import convert
+
+    model = convert.load_state_dict(checkpoint.abstract_model(model_cfg), state_dict)
+    return jax.tree.map(np.asarray, checkpoint.with_str_keys(
+        nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+
+
+def _random_official(model_cfg, seed):
+    from iet_jax import convert
+
+    rng = np.random.default_rng(seed)
+    shapes = convert.official_shapes(checkpoint.abstract_model(model_cfg))
+    return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+def _assert_tree_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_init_from_official_pth_params_and_params_ema(tmp_path):
+    """BasicSR: the parameters start from `params`, the EMA from `params_ema`."""
+    from iet_jax import pth
+
+    model_cfg = config_lib.from_options_file(OFFICIAL_TINY / "tiny_x2.yml")
+    path = OFFICIAL_TINY / "tiny_x2.pth"  # written by torch; the two sets differ
+    official = pth.load_pth(path)
+    start = jax.device_get(train.init_params(model_cfg, 0))
+    params, ema, fresh, description = train.load_init_params(str(path), start, model_cfg)
+    _assert_tree_equal(params, _ours(model_cfg, official["params"]))
+    _assert_tree_equal(ema, _ours(model_cfg, official["params_ema"]))
+    assert fresh == [] and description == "parameters from 'params', EMA from 'params_ema'"
+    assert not np.array_equal(params["conv_first"]["kernel"], ema["conv_first"]["kernel"])
+
+
+def test_init_from_one_set_starts_both(tmp_path):
+    """A .pth with only `params`, only `params_ema` or a bare state dict, and a model dir,
+    start parameters and EMA from the same weights; other upsamplers stay fresh."""
+    from pth_writer import save_pth
+    from iet_jax import convert
+
+    model_cfg = train.model_config_for_training(tiny_config())
+    sd = _random_official(model_cfg, 0)
+    want = _ours(model_cfg, sd)
+    start = jax.device_get(train.init_params(model_cfg, 0))
+    for name, obj, key in [("params", {"params": sd}, "params"),
+                           ("ema", {"params_ema": sd}, "params_ema"),
+                           ("bare", {f"module.{k}": v for k, v in sd.items()}, "the state dict")]:
+        path = save_pth(tmp_path / f"{name}.pth", obj)
+        params, ema, fresh, description = train.load_init_params(str(path), start, model_cfg)
+        _assert_tree_equal(params, want)
+        _assert_tree_equal(ema, want)
+        assert description == f"parameters from {key!r}, EMA from {key!r}"
+    directory = tmp_path / "model"
+    checkpoint.save_model(directory, convert.load_state_dict(
+        checkpoint.abstract_model(model_cfg), sd))
+    params, ema, _, _ = train.load_init_params(str(directory), start, model_cfg)
+    _assert_tree_equal(params, want)
+    _assert_tree_equal(ema, want)
+    # a x4 model from these x2 weights: all but the upsampler's shapes agree
+    x4_cfg = train.model_config_for_training(tiny_config(scale=4))
+    x4 = jax.device_get(train.init_params(x4_cfg, 0))
+    params, ema, fresh, _ = train.load_init_params(str(tmp_path / "params.pth"), x4, x4_cfg)
+    assert fresh == ["upsample/stages/0/bias", "upsample/stages/0/kernel"]
+    _assert_tree_equal(params["upsample"], x4["upsample"])
+    _assert_tree_equal(params["blocks"], want["blocks"])
+    # another architecture is refused by name
+    with pytest.raises(ConfigError, match=r"init_from: .*tiny_x2\.pth holds keys this model "
+                                          r"does not have .*layers\.0\.residual_group\.layers\.1"):
+        train.load_init_params(str(OFFICIAL_TINY / "tiny_x2.pth"), start, model_cfg)
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=r"init_from: .*junk\.pth: not a readable PyTorch"):
+        train.load_init_params(str(tmp_path / "junk.pth"), start, model_cfg)
+
+
+def test_init_from_in_a_run_and_from_a_workdir(tmp_path):
+    """A run from a .pth with different `params` and `params_ema`: its first update moves the
+    parameters a little from `params`, and the EMA averages them into `params_ema`. A workdir
+    source then gives its parameters and its EMA."""
+    from pth_writer import save_pth
+
+    cfg = tiny_config(steps=1)
+    model_cfg = train.model_config_for_training(cfg)
+    sd_params, sd_ema = _random_official(model_cfg, 1), _random_official(model_cfg, 2)
+    cfg.init_from = str(save_pth(tmp_path / "both.pth", {"params": sd_params,
+                                                         "params_ema": sd_ema}))
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(4, 0))
+    params1, ema1 = read_item(workdir, 1, "params"), read_item(workdir, 1, "ema")
+    start, start_ema = _ours(model_cfg, sd_params), _ours(model_cfg, sd_ema)
+    d = np.float32(cfg.ema_decay)
+    for p1, e1, p0, e0 in zip(*map(jax.tree.leaves, (params1, ema1, start, start_ema))):
+        assert np.abs(p1 - p0).max() < 0.05  # one small update from `params`
+        np.testing.assert_allclose(e1, d * e0 + (1 - d) * p1, rtol=1e-6, atol=1e-7)
+    init = jax.device_get(train.init_params(model_cfg, 0))
+    params, ema, fresh, description = train.load_init_params(str(workdir), init, model_cfg)
+    _assert_tree_equal(params, params1)
+    _assert_tree_equal(ema, ema1)
+    assert description == "parameters and EMA of its step 1"
+
+
 # ----------------------------------------------------------------------------- refused configs
 
 
