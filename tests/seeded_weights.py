@@ -26,5 +26,18 @@ def seeded_weight(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return z * (0.5 / math.sqrt(fan_in))
 
 
-def seeded_state_dict(shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    return {name: seeded_weight(name, tuple(shape)) for name, shape in shapes.items()}
+def seeded_state_dict(shapes: dict[str, tuple[int, ...]],
+                      scales: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """All seeded weights; `scales` multiplies the keys ending in each suffix by its factor.
+
+    The sharp-attention fixtures use {"wqkv.weight": 3.0}: three times larger query, key and
+    value projections, so that consecutive layers can attend to nearly disjoint candidates.
+    """
+    state = {}
+    for name, shape in shapes.items():
+        weight = seeded_weight(name, tuple(shape))
+        for suffix, factor in (scales or {}).items():
+            if name.endswith(suffix):
+                weight = weight * factor
+        state[name] = weight
+    return state
