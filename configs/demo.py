@@ -12,7 +12,7 @@ with other jobs): 500 steps in about 5 minutes, EMA validation PSNR 38.52 dB / S
 against bicubic 37.69 dB / 0.9172.
 """
 
-from iet_jax import config as config_lib
+from iet_jax.model import config as config_lib
 
 SCALE = 2
 PATCH = 16

@@ -16,7 +16,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from iet_jax import config as config_lib
+from iet_jax.model import config as config_lib
 from iet_jax.model import IET
 
 CONFIG_FILE = "config.json"

@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 
 from iet_jax import checkpoint, pth
-from iet_jax import config as config_lib
-from iet_jax.model import IET, Bottleneck, SimilarityFFN
+from iet_jax.model import config as config_lib
+from iet_jax.model.network import IET, Bottleneck, SimilarityFFN
 
 class _Rule(NamedTuple):
     """How one official tensor becomes ours, and the official shape of one of ours."""

@@ -31,22 +31,14 @@ from typing import Sequence
 
 import numpy as np
 
-from iet_jax import inference, metrics
+from iet_jax import inference
+from iet_jax.conventions import metrics
+from iet_jax.conventions.imresize import bicubic_upscale
 from iet_jax.datasets.source import BENCHMARKS
 
 DEFAULT_DATASETS = BENCHMARKS  # the five every SR paper reports
 DISPLAY_NAMES = {"set5": "Set5", "set14": "Set14", "b100": "B100", "urban100": "Urban100",
                  "manga109": "Manga109", "demo": "Demo"}
-
-
-def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
-    """MATLAB-style bicubic upscaling of a uint8 image (the reference row)."""
-    from iet_jax.imresize import imresize
-
-    out = imresize(lr, scale)
-    if out.dtype != np.uint8:
-        out = np.clip(np.round(out), 0, 255).astype(np.uint8)
-    return out
 
 
 def _check_pair(hr: np.ndarray, lr: np.ndarray, scale: int, name: str) -> np.ndarray:

@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from iet_jax.kernels.gather import BATCH_AXES
+
 AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2 ** 10  # arrays with fewer elements stay replicated
 
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",

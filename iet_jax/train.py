@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 
 from iet_jax import checkpoint as checkpoint_lib
-from iet_jax import config as config_lib
+from iet_jax.model import config as config_lib
 from iet_jax import convert
 from iet_jax import optim as optim_lib
 from iet_jax import pth
@@ -321,8 +321,8 @@ class Validator:
     """PSNR/SSIM (Y, crop = scale) of the EMA weights on the validation images."""
 
     def __init__(self, source, config, graphdef, param_shardings, mesh, compute_dtype):
-        from iet_jax import metrics
-        from iet_jax.evaluate import bicubic_upscale
+        from iet_jax.conventions import metrics
+        from iet_jax.conventions.imresize import bicubic_upscale
 
         self.metrics = metrics
         self.scale = config.data.scale

@@ -37,7 +37,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iet_jax import attention, benchmarking, ops  # noqa: E402
+from iet_jax import benchmarking  # noqa: E402
+from iet_jax.kernels import gather  # noqa: E402
+from iet_jax.model import attention  # noqa: E402
 
 ALL_KS = (914, 345, 225, 185, 125, 121, 81, 64, 36, 24)
 HEADS = {"iet": (6, 40, 40), "iet_light": (3, 20, 18)}  # heads, d at K = 914, d elsewhere
@@ -61,9 +63,9 @@ def candidate_lists(key, batch, heads, side, k):
 
 
 def layer(q, k, v, idx, impl, deterministic):
-    s = ops.gather_qk(q, k, idx, impl, deterministic)
+    s = gather.gather_qk(q, k, idx, impl, deterministic)
     a = jax.nn.softmax(s, axis=-1)
-    return ops.gather_av(a, v, idx, impl, deterministic)
+    return gather.gather_av(a, v, idx, impl, deterministic)
 
 
 def timed(fn, args, repeats):

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iet_jax import benchmarking, checkpoint, config
+from iet_jax import benchmarking, checkpoint
+from iet_jax.model import config
 from iet_jax.model import IET
 
 

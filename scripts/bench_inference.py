@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from iet_jax import benchmarking, checkpoint, config as config_lib
+from iet_jax import benchmarking, checkpoint
+from iet_jax.model import config as config_lib
 from iet_jax.inference import DEFAULT_OVERLAP, Upscaler
 from iet_jax.model import IET
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iet_jax import benchmarking, checkpoint, config as config_lib, optim, sharding, train
+from iet_jax import benchmarking, checkpoint, optim, sharding, train
+from iet_jax.model import config as config_lib
 from iet_jax import train_state as ts
 
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iet_jax import attention as A
-from iet_jax import config as C
+from iet_jax.model import attention as A
+from iet_jax.model import config as C
 
 
 def natten_window_start(i: int, length: int, kernel: int, dilation: int) -> int:

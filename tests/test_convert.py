@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iet_jax import checkpoint, config, convert, pth
+from iet_jax import checkpoint, convert, pth
+from iet_jax.model import config
 
 TINY = Path(__file__).parent / "fixtures" / "official_tiny"
 OPTIONS = TINY / "tiny_x2.yml"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iet_jax import imresize
+from iet_jax.conventions import imresize
 from iet_jax.datasets import (BadImageError, DatasetNotBuiltError, build_command,
                               default_data_dir, open_source)
 from iet_jax.datasets import build as build_mod

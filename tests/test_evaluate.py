@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iet_jax import checkpoint, datasets, evaluate, inference, metrics
-from iet_jax.imresize import imresize
+from iet_jax import checkpoint, datasets, evaluate, inference
+from iet_jax.conventions import metrics
+from iet_jax.conventions.imresize import imresize
 from test_inference import nearest, neighbourly, photo, random_model, tiny_config
 
 

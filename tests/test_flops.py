@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from iet_jax import config, flops
+from iet_jax.flops import main as flops_main
+from iet_jax.model import config, flops
 
 # Published: classical 5.02T / 2.25T / 1.26T, light 0.28T / 0.12T / 0.07T (x2 / x3 / x4).
 PUBLISHED_TERA = {("iet", 2): 5.02, ("iet", 3): 2.25, ("iet", 4): 1.26,
@@ -33,7 +34,7 @@ PUBLISHED_PARAMS_X3 = {"iet": "19,853,789", "iet_light": "790,404"}
 
 
 def run_command(capsys, *args):
-    rc = flops.main(["python -m iet_jax.flops", *args])
+    rc = flops_main(["python -m iet_jax.flops", *args])
     out, err = capsys.readouterr()
     return rc, out, err
 

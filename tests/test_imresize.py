@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iet_jax.imresize import downscale, imresize, mod_crop, resize_weights
+from iet_jax.conventions.imresize import downscale, imresize, mod_crop, resize_weights
 
 FIXTURE = Path(__file__).parent / "fixtures" / "imresize" / "basicsr_imresize.npz"
 _Z = np.load(FIXTURE)

@@ -7,8 +7,10 @@ import pytest
 import skimage.data
 from flax import nnx
 
-from iet_jax import checkpoint, config, inference, metrics
-from iet_jax.model import pixel_shuffle
+from iet_jax import checkpoint, inference
+from iet_jax.model import config
+from iet_jax.conventions import metrics
+from iet_jax.model.network import pixel_shuffle
 
 
 # ---------------------------------------------------------------- tiny models shared by tests

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from iet_jax import imresize
+from iet_jax.conventions import imresize
 from iet_jax.datasets import build as build_mod
 from iet_jax.datasets import open_source
 from iet_jax.input_pipeline import PairedPatchLoader

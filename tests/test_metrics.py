@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from iet_jax import metrics
+from iet_jax.conventions import metrics
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metrics"
 CASES = json.loads((FIXTURES / "basicsr_metrics.json").read_text())["cases"]

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iet_jax import checkpoint, config
-from iet_jax.model import IET, count_parameters, mirror_pad, pixel_shuffle
+from iet_jax import checkpoint
+from iet_jax.model import config
+from iet_jax.model import IET
+from iet_jax.model.network import count_parameters, mirror_pad, pixel_shuffle
 
 
 @pytest.mark.parametrize("variant,scale", sorted(config.OFFICIAL_PARAMETER_COUNTS))

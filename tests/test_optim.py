@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from iet_jax import config as config_lib
+from iet_jax.model import config as config_lib
 from iet_jax import optim
 from iet_jax.model import IET
 

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iet_jax import ops
-from iet_jax import pallas_gather as pg
+from iet_jax.kernels import gather, reference
+from iet_jax.kernels import pallas_gather as pg
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -56,10 +56,10 @@ def test_primitives_match_xla(dtype):
     with jax.enable_x64(dtype == jnp.float64), jax.default_matmul_precision("highest"):
         x, y, w, idx = inputs(dtype)
         for name, got, want in [
-            ("qk", pg.qk(x, y, idx), ops._xla_qk(x, y, idx)),
-            ("av", pg.av(w, y, idx), ops._xla_av(w, y, idx)),
-            ("scatter", pg.scatter(w, x, idx), ops._xla_scatter(w, x, idx)),
-            ("sorted", pg.scatter_deterministic(w, x, idx), ops._xla_scatter(w, x, idx)),
+            ("qk", pg.qk(x, y, idx), reference.qk(x, y, idx)),
+            ("av", pg.av(w, y, idx), reference.av(w, y, idx)),
+            ("scatter", pg.scatter(w, x, idx), reference.scatter(w, x, idx)),
+            ("sorted", pg.scatter_deterministic(w, x, idx), reference.scatter(w, x, idx)),
         ]:
             assert got.dtype == want.dtype == pg.accumulation_dtype(dtype), name
             close(got, want, RTOL[dtype])
@@ -68,10 +68,10 @@ def test_primitives_match_xla(dtype):
 
 def attention_loss(q, k, v, idx, impl, deterministic):
     """A scalar through both ops and both their backward primitives."""
-    s = ops.gather_qk(q, k, idx, impl, deterministic)
+    s = gather.gather_qk(q, k, idx, impl, deterministic)
     a = jax.nn.softmax(s.astype(jnp.float32), axis=-1)
     a = jnp.where(idx < 0, 0, a)  # all-empty lists give NaN rows; drop them
-    out = ops.gather_av(a, v, idx, impl, deterministic)
+    out = gather.gather_av(a, v, idx, impl, deterministic)
     finite = jnp.where(idx < 0, 0, s)
     return jnp.sum(out.astype(jnp.float32) ** 2) + 0.1 * jnp.sum(jnp.sin(finite))
 
@@ -100,13 +100,13 @@ def test_deterministic_scatter_repeats_bits():
     second = np.asarray(pg.scatter_deterministic(w, x, idx))  # traced and compiled again
     np.testing.assert_array_equal(first.view(np.uint32), second.view(np.uint32))
     with jax.default_matmul_precision("highest"):
-        close(first, ops._xla_scatter(w, x, idx), 1e-5)
+        close(first, reference.scatter(w, x, idx), 1e-5)
 
 
 def tiny_light_config():
     """IET-light's structure (3 heads, pixelshuffledirect, rpb, cascade, prune, propagation)
     with 2 blocks, 3x3 + dilated 5x5 windows (K = 34) and 10x10 inputs, in float64."""
-    from iet_jax import config
+    from iet_jax.model import config
 
     return config.model_config(
         embed_dim=12, nattn_dim=12, num_heads=3, depths=(2, 1), scale=2,
@@ -150,7 +150,7 @@ def test_tiny_model_training_step_pallas_matches_xla(monkeypatch):
             return primitive(*args)
         return run
 
-    monkeypatch.setitem(ops._PRIMITIVES, "pallas", tuple(map(counted, ops._PRIMITIVES["pallas"])))
+    monkeypatch.setitem(gather.PRIMITIVES, "pallas", tuple(map(counted, gather.PRIMITIVES["pallas"])))
     with jax.enable_x64(True):
         model = IET(tiny_light_config(), rngs=nnx.Rngs(0))
         pallas_model = nnx.clone(model)  # same weights; only the layers' gather_impl differs
@@ -171,11 +171,11 @@ def test_tiny_model_training_step_pallas_matches_xla(monkeypatch):
 
 
 def test_auto_resolution_and_names():
-    assert ops.resolve("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
-    assert ops.resolve("pallas") == "pallas"
-    assert ops.resolve("pallas", deterministic=True) == "pallas_deterministic"
+    assert gather.resolve("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    assert gather.resolve("pallas") == "pallas"
+    assert gather.resolve("pallas", deterministic=True) == "pallas_deterministic"
     with pytest.raises(ValueError, match="not one of"):
-        ops.resolve("triton")
+        gather.resolve("triton")
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iet_jax import checkpoint, config, convert
+from iet_jax import checkpoint, convert
+from iet_jax.model import config
 from iet_jax.model import IET
 from seeded_weights import seeded_state_dict
 

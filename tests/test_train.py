@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from iet_jax import checkpoint, config as config_lib, train
-from iet_jax.imresize import imresize
+from iet_jax import checkpoint, train
+from iet_jax.model import config as config_lib
+from iet_jax.conventions.imresize import imresize
 from iet_jax.sharding import ConfigError
 
 CONFIGS = Path(__file__).parent.parent / "configs"

@@ -3,7 +3,7 @@
 Every builder has one config per scale (``x2``, ``x3``, ``x4``) and yields examples
 ``{'hr': uint8 (H, W, 3), 'lr': uint8 (H/s, W/s, 3), 'name': str}`` with ``H, W``
 multiples of the scale. Missing LR images are made with the MATLAB bicubic
-(``iet_jax.imresize``) after cropping HR to a multiple of the scale.
+(``iet_jax.conventions.imresize``) after cropping HR to a multiple of the scale.
 
 Building needs no TensorFlow: images reach TFDS as PNG bytes encoded with Pillow (TFDS
 only calls ``tf.image.encode_png`` for NumPy arrays), and the ``array_record`` writer and
@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from iet_jax import imresize
+from iet_jax.conventions import imresize
 from iet_jax.datasets import images
 from iet_jax.datasets.source import BENCHMARKS
 

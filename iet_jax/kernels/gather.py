@@ -21,11 +21,13 @@ every implementation provides:
 so the backward never differentiates through a gather (autodiff of the XLA gather would keep
 the gathered (N, K, d) blocks of every layer alive, tens of GB for one training step).
 
-Implementations (`impl`): "xla" (take_along_axis + einsum, the reference, CPU/TPU path),
-"pallas" (Triton kernels of `iet_jax.pallas_gather`; interpreted on a CPU, which is how the
-tests run them) and "auto" (pallas on GPU, xla elsewhere). `deterministic=True` selects a
-backward whose scatter sums in a fixed order (same bits every run) instead of atomic adds;
-it matters only for pallas on GPU (the XLA scatter on CPU is sequential already).
+Implementations (`impl`): "xla" (take_along_axis + einsum in `iet_jax.kernels.reference`:
+the CPU/TPU path and the tests' oracle), "pallas" (Triton kernels of
+`iet_jax.kernels.pallas_gather`; interpreted on a CPU, which is how the tests run them) and
+"auto" (pallas on GPU, xla elsewhere). `PRIMITIVES` maps each to its three primitives.
+`deterministic=True` selects a backward whose scatter sums in a fixed order (same bits every
+run) instead of atomic adds; it matters only for pallas on GPU (the XLA scatter on CPU is
+sequential already).
 
 Under a mesh (`jax.set_mesh`) the Pallas primitives run inside `jax.shard_map`, split along
 the leading (batch) axis over the mesh axes named in `BATCH_AXES`.
@@ -41,29 +43,17 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from iet_jax import pallas_gather
-# Mesh axes the leading (batch) axis of the attention arrays is split over inside
-# `jax.shard_map` (those of them that the current mesh has, while their size divides it):
-# the same axes the training loop splits the batch over.
-from iet_jax.sharding import BATCH_AXES
+from iet_jax.kernels import pallas_gather, reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
-
-# On CPU the XLA path walks (batch, head) pairs one at a time and queries in chunks whose
-# gathered [chunk, K, d] block is about this many bytes, so it stays in cache: measured on
-# the 2-core CI machine, 2-3x faster than 256-query chunks at K = 914 (which were already
-# faster than one big gather), and memory stays bounded. Other backends get one vmapped gather.
-_CPU_BLOCK_BYTES = 4 << 20
-_CPU_MAX_CHUNK = 256
-
-
-def accumulation_dtype(dtype) -> jnp.dtype:
-    """float64 stays float64; everything else (float32, bfloat16) accumulates in float32."""
-    return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
+# Mesh axes the leading (batch) axis of the attention arrays is split over inside
+# `jax.shard_map` (those of them that the current mesh has, while their size divides it):
+# the same axes the training loop splits the batch over (`iet_jax.training.sharding`).
+BATCH_AXES = ("data", "fsdp")
 
 
 def resolve(impl: str, deterministic: bool = False) -> str:
-    """The key in `_PRIMITIVES` that `impl` stands for on the current backend."""
+    """The key in `PRIMITIVES` that `impl` stands for on the current backend."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"gather implementation {impl!r} is not one of {IMPLEMENTATIONS}")
     if impl == "auto":
@@ -77,101 +67,15 @@ def resolve(impl: str, deterministic: bool = False) -> str:
     return impl
 
 
-# ----------------------------------------------------------------------------- XLA primitives
+# ----------------------------------------------------------------------------- the primitives
 
-
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
-
-
-def _cpu_chunk(kk: int, d: int, dtype) -> int:
-    """Queries per chunk on CPU: a power of two whose [chunk, K, d] block is ~_CPU_BLOCK_BYTES."""
-    per_query = kk * d * jnp.dtype(accumulation_dtype(dtype)).itemsize
-    return int(min(_CPU_MAX_CHUNK, 2 ** max(0, math.floor(math.log2(_CPU_BLOCK_BYTES / per_query)))))
-
-
-def _per_query(fn, queries, table, idx):
-    """fn(query_row, table_rows_gathered_by_idx_row) over (heads, N, ...), -> (heads, N, ...)."""
-    chunk = _cpu_chunk(idx.shape[-1], table.shape[-1], table.dtype)
-
-    def one_head(args):
-        qh, th, ih = args
-        rows = lambda qi: fn(qi[0], th[qi[1]])  # noqa: E731
-        if _on_cpu():
-            return jax.lax.map(rows, (qh, ih), batch_size=chunk)
-        return jax.vmap(rows)((qh, ih))
-
-    if _on_cpu():
-        return jax.lax.map(one_head, (queries, table, idx))
-    return jax.vmap(one_head)((queries, table, idx))
-
-
-def _xla_qk(x, y, idx):
-    """(H, N, d), (H, N, d), (H, N, K) -> (H, N, K) in the accumulation dtype, 0 at idx < 0."""
-    acc = accumulation_dtype(x.dtype)
-
-    def row(xi, rows):  # (d,), (K, d)
-        return jnp.einsum("d,kd->k", xi, rows, preferred_element_type=acc)
-
-    s = _per_query(row, x, y, jnp.maximum(idx, 0))
-    return jnp.where(idx < 0, 0, s)
-
-
-def _xla_av(w, y, idx):
-    """(H, N, K), (H, N, d), (H, N, K) -> (H, N, d) in the accumulation dtype."""
-    acc = accumulation_dtype(jnp.promote_types(w.dtype, y.dtype))
-
-    def row(wi, rows):  # (K,), (K, d)
-        return jnp.einsum("k,kd->d", wi, rows.astype(acc), preferred_element_type=acc)
-
-    weights = jnp.where(idx < 0, 0, w).astype(acc)
-    return _per_query(row, weights, y, jnp.maximum(idx, 0))
-
-
-def _xla_scatter(w, x, idx):
-    """(H, N, K), (H, N, d), (H, N, K) -> (H, N, d): out[j] += w[i, t] * x[i] at j = idx[i, t].
-
-    On CPU queries are added in chunks so only a (chunk, K, d) block exists at a time; the
-    rows left over after whole chunks are added in one more step (padding instead would make
-    XLA constant-fold a padded copy of constant candidate lists, seconds per layer).
-    """
-    acc = accumulation_dtype(jnp.promote_types(w.dtype, x.dtype))
-    n, kk = idx.shape[1:]
-    d = x.shape[-1]
-    chunk = min(_cpu_chunk(kk, d, acc), n) if _on_cpu() else n
-    whole = n - n % chunk
-    # Empty slots point past the end, where mode="drop" discards them.
-    idx = jnp.where(idx < 0, n, idx)
-
-    def add(out, wc, xc, ic):
-        contribution = wc.astype(acc)[..., None] * xc.astype(acc)[:, None, :]
-        return out.at[ic].add(contribution, mode="drop")
-
-    def one_head(args):
-        wh, xh, ih = args
-
-        def add_chunk(out, part):
-            return add(out, *part), None
-
-        parts = (wh[:whole].reshape(-1, chunk, kk), xh[:whole].reshape(-1, chunk, d),
-                 ih[:whole].reshape(-1, chunk, kk))
-        out, _ = jax.lax.scan(add_chunk, jnp.zeros((n, d), acc), parts)
-        if whole < n:
-            out = add(out, wh[whole:], xh[whole:], ih[whole:])
-        return out
-
-    if _on_cpu():
-        return jax.lax.map(one_head, (w, x, idx))
-    return jax.vmap(one_head)((w, x, idx))
-
-
-_PRIMITIVES = {"xla": (_xla_qk, _xla_av, _xla_scatter)}
-
-# ----------------------------------------------------------------------------- Pallas primitives
-
-_PRIMITIVES["pallas"] = (pallas_gather.qk, pallas_gather.av, pallas_gather.scatter)
-_PRIMITIVES["pallas_deterministic"] = (
-    pallas_gather.qk, pallas_gather.av, pallas_gather.scatter_deterministic)
+# (qk, av, scatter) of each implementation, by the key `resolve` returns.
+PRIMITIVES = {
+    "xla": (reference.qk, reference.av, reference.scatter),
+    "pallas": (pallas_gather.qk, pallas_gather.av, pallas_gather.scatter),
+    "pallas_deterministic": (pallas_gather.qk, pallas_gather.av,
+                             pallas_gather.scatter_deterministic),
+}
 _SHARD_MAPPED = ("pallas", "pallas_deterministic")  # a pallas_call must sit in a shard_map
 
 
@@ -193,7 +97,7 @@ def _apply(impl: str, which: int, x: jax.Array, y: jax.Array, idx: jax.Array) ->
 
     Returns idx.shape[:-1] + (the primitive's last axis,).
     """
-    primitive = _PRIMITIVES[impl][which]
+    primitive = PRIMITIVES[impl][which]
 
     def local(x, y, idx):
         out = primitive(_flat(x, x.shape[-1]), _flat(y, y.shape[-1]), _flat(idx, idx.shape[-1]))

@@ -1,4 +1,4 @@
-"""Pallas (Triton backend) kernels for the three gather primitives of `iet_jax.ops`.
+"""Pallas (Triton backend) kernels for the three gather primitives of `iet_jax.kernels.gather`.
 
 All functions work on flattened arrays: H = batch * heads leading, N tokens, K candidates,
 d channels; `idx` is int32 with -1 marking an empty slot.

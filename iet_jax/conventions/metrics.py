@@ -1,4 +1,4 @@
-"""PSNR and SSIM in the convention of super-resolution papers (DESIGN.md section 4).
+"""PSNR and SSIM in the convention of super-resolution papers.
 
 This is the convention of BasicSR's `calculate_psnr` / `calculate_ssim` with
 `crop_border=scale, test_y_channel=True`, which every table of the field uses:

@@ -1,4 +1,4 @@
-"""Individualized Exploratory Attention (DESIGN.md section 2), as parameter-free functions.
+"""Individualized Exploratory Attention, as parameter-free functions.
 
 Each (batch, head) carries its own candidate list `idx[N, K]` (token indices, -1 = empty)
 and the attention `attn[N, K]` of the last layer. A layer scores q against its list, takes
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iet_jax import ops
+from iet_jax.kernels import gather
 
 CASCADE_EPS = 1e-20
 
@@ -193,8 +193,8 @@ def score(
     """Raw scores (B, h, N, K) of pre-scaled q against each token's candidates."""
     b, h = q.shape[:2]
     if not plan.on_initial:
-        return ops.gather_qk(q, k, state.idx, impl, deterministic)
-    s = ops.gather_qk(q, k, _broadcast_initial(initial, b, h), impl, deterministic)
+        return gather.gather_qk(q, k, state.idx, impl, deterministic)
+    s = gather.gather_qk(q, k, _broadcast_initial(initial, b, h), impl, deterministic)
     dense, sparse = s[..., : initial.dense], s[..., initial.dense :]
     if rpb is not None:
         biased = dense + rpb.astype(s.dtype)[None, :, None, :]
@@ -247,7 +247,7 @@ def attend(
         a, pos = jax.lax.top_k(a, plan.keep, is_stable=True)  # ties: lowest list position first
         idx = jnp.take_along_axis(idx, pos, axis=-1)
     lists = idx if idx is not None else _broadcast_initial(initial, q.shape[0], q.shape[1])
-    out = ops.gather_av(a, v, lists, impl, deterministic)
+    out = gather.gather_av(a, v, lists, impl, deterministic)
     return out, AttnState(idx=idx, attn=a)
 
 

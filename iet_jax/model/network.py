@@ -1,7 +1,7 @@
-"""IET and IET-light as Flax NNX modules (DESIGN.md section 1), NHWC throughout.
+"""IET and IET-light as Flax NNX modules, NHWC throughout.
 
 `IET(config, rngs=...)` builds any of the six official networks from a model config
-(`iet_jax.config`); `model(x)` maps images (B, H, W, 3) in [0, 1] to (B, sH, sW, 3).
+(`iet_jax.model.config`); `model(x)` maps images (B, H, W, 3) in [0, 1] to (B, sH, sW, 3).
 Initialisation follows the official one (Linear N(0, 0.02), zero bias; LayerNorm 1/0;
 PyTorch's default uniform init for convolutions) so training from scratch starts alike.
 """
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from iet_jax import attention
-from iet_jax.config import validate
+from iet_jax.model import attention
+from iet_jax.model.config import validate
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 SIMILARITY_BLOCKS = (6, 7)  # blocks whose FFN is SF-FFN
@@ -321,3 +321,8 @@ def mirror_pad(x: jax.Array, size: int) -> jax.Array:
 
 def count_parameters(model: nnx.Module) -> int:
     return sum(p.size for p in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+
+
+def abstract_model(config: ml_collections.ConfigDict) -> IET:
+    """The model with shapes and dtypes only: nothing is initialised or allocated."""
+    return nnx.eval_shape(lambda: IET(config, rngs=nnx.Rngs(0)))

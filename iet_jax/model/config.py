@@ -77,7 +77,7 @@ def model_config(**fields: Any) -> ml_collections.ConfigDict:
         img_range=1.0,
         dtype="float32",  # compute dtype
         param_dtype="float32",
-        gather_impl="auto",  # "auto" (pallas on GPU, else xla), "xla" or "pallas"; see iet_jax.ops
+        gather_impl="auto",  # "auto" (GPU: pallas, else xla), "xla", "pallas"; see iet_jax.kernels
         # True: the gathers' backward sums in a fixed order (same bits every run, slower)
         # instead of atomic adds; matters for gather_impl "pallas" on GPU.
         gather_deterministic=False,
@@ -124,6 +124,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("embed_dim", "nattn_dim"):
         if getattr(config, name) % config.num_heads:
             raise ValueError(f"{name} ({getattr(config, name)}) must divide by num_heads")
+
+
+def dtype_fields(dtype: str) -> dict[str, str]:
+    """Config fields for a dtype given by name: bfloat16 computes on float32 parameters."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return {"dtype": dtype, "param_dtype": "float32" if dtype == "bfloat16" else dtype}
 
 
 _UNSUPPORTED = {

@@ -19,6 +19,9 @@ Conventions:
   horizontal pass; BasicSR (and this module) does not, which can move a pixel by one
   level in rare cases.
 * float input gives output of the same float dtype, not clipped (bicubic overshoots).
+
+``bicubic_upscale`` is the reference row of every SR table: a uint8 LR image upscaled with
+this bicubic (training validation and evaluation both report it).
 """
 
 from __future__ import annotations
@@ -155,3 +158,11 @@ def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
     """Crop the bottom/right so that height and width are multiples of ``scale``."""
     h, w = img.shape[:2]
     return img[: h - h % scale, : w - w % scale]
+
+
+def bicubic_upscale(lr: np.ndarray, scale: int) -> np.ndarray:
+    """MATLAB-style bicubic upscaling of a uint8 image (the reference row)."""
+    out = imresize(lr, scale)
+    if out.dtype != np.uint8:
+        out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    return out

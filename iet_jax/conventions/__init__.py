@@ -1,0 +1,8 @@
+"""The field's conventions, shared by data building, training validation and evaluation.
+
+- `imresize`: MATLAB's antialiased bicubic `imresize` (how LR images are made) and
+  `bicubic_upscale`, the bicubic reference row of every table.
+- `metrics`: PSNR and SSIM as SR papers report them (BasicSR's Y-channel convention).
+
+NumPy only; imports nothing else from iet_jax.
+"""
