@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from iet_jax import inference
+from iet_jax.io import model_dir
 from iet_jax.conventions import metrics
 from iet_jax.conventions.imresize import bicubic_upscale
 from iet_jax.datasets.source import BENCHMARKS
@@ -216,11 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from iet_jax import checkpoint
-
     try:
-        model = (checkpoint.load_model(args.checkpoint) if args.dtype is None
-                 else checkpoint.load_model(args.checkpoint, dtype=args.dtype))
+        model = (model_dir.load_model(args.checkpoint) if args.dtype is None
+                 else model_dir.load_model(args.checkpoint, dtype=args.dtype))
         split = inference.OFFICIAL_SPLIT if args.official_split else None
         upscaler = inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
                                       self_ensemble=args.self_ensemble,

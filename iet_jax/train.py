@@ -29,14 +29,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from iet_jax import checkpoint as checkpoint_lib
-from iet_jax.model import config as config_lib
-from iet_jax import convert
 from iet_jax import optim as optim_lib
-from iet_jax import pth
 from iet_jax import sharding as sharding_lib
 from iet_jax import train_state as ts
-from iet_jax.model import IET
+from iet_jax.io import model_dir, official, pth, stored
+from iet_jax.io import workdir as workdir_lib
+from iet_jax.model import config as config_lib
+from iet_jax.model.network import IET, abstract_model
 from iet_jax.sharding import ConfigError
 
 # Model fields that decide the parameter shapes outside the upsampler: an initialisation
@@ -59,7 +58,7 @@ def model_config_for_training(config: ml_collections.ConfigDict) -> ml_collectio
     """The model config the run uses: bfloat16 compute keeps float32 parameters and state."""
     fields = config.model.to_dict()
     if fields["dtype"] == "bfloat16":
-        fields.update(checkpoint_lib.dtype_fields("bfloat16"))
+        fields.update(config_lib.dtype_fields("bfloat16"))
     for key in ("depths", "topk_focus", "topk_prop_1", "topk_prop_2", "topk_prop_3"):
         fields[key] = tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in fields[key])
     return config_lib.model_config(**fields)
@@ -124,11 +123,11 @@ def check_init_from(config: ml_collections.ConfigDict, model_cfg) -> None:
     directory = Path(path)
     if directory.is_file():
         return
-    config_file = directory / checkpoint_lib.CONFIG_FILE
+    config_file = directory / stored.CONFIG_FILE
     if not config_file.is_file():
         raise ConfigError(
             f"init_from: {path!r} is not a training workdir, model directory (no "
-            f"{checkpoint_lib.CONFIG_FILE}) or .pth file. Train the earlier stage into it "
+            f"{stored.CONFIG_FILE}) or .pth file. Train the earlier stage into it "
             f"first, pass --config.init_from=<workdir, converted model dir or official .pth>, "
             f"or --config.init_from='' to train from scratch")
     source = json.loads(config_file.read_text())
@@ -169,11 +168,11 @@ def open_sources(config: ml_collections.ConfigDict):
 def init_params(model_cfg, seed: int):
     """Freshly initialised parameters as a nested dict with string keys."""
     model = IET(model_cfg, rngs=nnx.Rngs(seed))
-    return checkpoint_lib.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return stored.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def apply_model(graphdef, params, x, *, train: bool):
-    return nnx.merge(graphdef, checkpoint_lib.with_int_keys(params))(x, train=train)
+    return nnx.merge(graphdef, stored.with_int_keys(params))(x, train=train)
 
 
 def _flat(tree) -> dict:
@@ -183,7 +182,7 @@ def _flat(tree) -> dict:
 
 
 def _model_weights(model) -> dict:
-    return _flat(checkpoint_lib.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    return _flat(stored.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 
 # Official keys of the upsampler, which may differ between scales (BasicSR's strict=False).
@@ -193,7 +192,7 @@ _OFFICIAL_UPSAMPLER = ("upsample.", "conv_before_upsample.", "conv_last.")
 def _official_weights(state_dict: dict, model_cfg, path: str) -> dict:
     """An official state dict in our names and layouts; unknown keys outside the upsampler
     are refused."""
-    keys = convert.official_keys(checkpoint_lib.abstract_model(model_cfg))
+    keys = official.official_keys(abstract_model(model_cfg))
     unknown = sorted(k for k in state_dict
                      if k not in keys and not k.startswith(_OFFICIAL_UPSAMPLER))
     if unknown:
@@ -219,12 +218,12 @@ def init_weights(path: str, model_cfg) -> tuple[dict, dict, str]:
                 _official_weights(ema_sd, model_cfg, path),
                 f"parameters from {train_key or 'the state dict'!r}, EMA from "
                 f"{ema_key or 'the state dict'!r}")
-    if checkpoint_lib.is_training_workdir(source):
-        step = checkpoint_lib.workdir_step(source)
-        return (_model_weights(checkpoint_lib.load_training_model(source, item="params")),
-                _model_weights(checkpoint_lib.load_training_model(source, item="ema")),
+    if workdir_lib.is_training_workdir(source):
+        step = workdir_lib.workdir_step(source)
+        return (_model_weights(workdir_lib.load_training_model(source, item="params")),
+                _model_weights(workdir_lib.load_training_model(source, item="ema")),
                 f"parameters and EMA of its step {step}")
-    weights = _model_weights(checkpoint_lib.load_model(source))
+    weights = _model_weights(model_dir.load_model(source))
     return weights, weights, "parameters and EMA from its one set of weights"
 
 
@@ -379,7 +378,7 @@ class Logger:
 
     def __init__(self, workdir: Path, start_step: int, total: int, enabled: bool):
         self.enabled = enabled
-        self.path = workdir / ts.METRICS_FILE
+        self.path = workdir / workdir_lib.METRICS_FILE
         self.writer = None
         self.bar = None
         if not enabled:
@@ -458,11 +457,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     lead = jax.process_index() == 0
     if lead:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / checkpoint_lib.CONFIG_FILE).write_text(checkpoint_lib.config_to_json(model_cfg))
-        (workdir / ts.TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+        (workdir / stored.CONFIG_FILE).write_text(stored.config_to_json(model_cfg))
+        (workdir / workdir_lib.TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
     compute_dtype = jnp.dtype(model_cfg.dtype)
-    graphdef, _ = nnx.split(checkpoint_lib.abstract_model(model_cfg))
+    graphdef, _ = nnx.split(abstract_model(model_cfg))
     tx, schedule = optim_lib.make_optimizer(config.optim)
 
     def create():
@@ -478,7 +477,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         shardings = sharding_lib.state_shardings(abstract, mesh, config.param_sharding)
         batch_sharding = sharding_lib.batch_sharding(mesh)
         replicated = sharding_lib.replicated(mesh)
-        checkpoints = ts.Checkpoints(workdir, keep=config.keep_checkpoints,
+        checkpoints = workdir_lib.Checkpoints(workdir, keep=config.keep_checkpoints,
                                      async_save=config.async_checkpointing,
                                      keep_best=bool(config.eval_every))
         loader = PairedPatchLoader(
@@ -488,8 +487,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
             augment=config.data.augment)
         start = checkpoints.latest_step()
         if start is not None:
-            state, loader_state, meta = checkpoints.restore(
-                start, ts.abstract_like(abstract, shardings))
+            like = ts.abstract_like(abstract, shardings)
+            items, loader_state, meta = checkpoints.restore(start, ts.to_items(like))
+            state = ts.from_items(items, like)
             loader.set_state(loader_state)
             best = meta.get("best_psnr")
         else:
@@ -581,7 +581,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                     logger.message(f"step {done}: validation PSNR {scores['psnr']:.3f} dB, "
                                    f"SSIM {scores['ssim']:.4f} (bicubic "
                                    f"{validator.bicubic['psnr']:.3f} dB)")
-                checkpoints.save(state, loader.get_state(), meta,
+                checkpoints.save(ts.to_items(state), loader.get_state(), meta,
                                  metrics=None if scores is None else {"psnr": scores["psnr"]})
             settle()
         finally:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from iet_jax import inference
+from iet_jax.io import model_dir
 from iet_jax.datasets.images import png_bit_depth
 
 EXTENSIONS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -191,10 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_upscaler(args) -> inference.Upscaler:
-    from iet_jax import checkpoint
-
-    model = (checkpoint.load_model(args.checkpoint) if args.dtype is None
-             else checkpoint.load_model(args.checkpoint, dtype=args.dtype))
+    model = (model_dir.load_model(args.checkpoint) if args.dtype is None
+             else model_dir.load_model(args.checkpoint, dtype=args.dtype))
     return inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
                               self_ensemble=args.self_ensemble, tile_batch=args.tile_batch)
 

@@ -18,14 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iet_jax import benchmarking, checkpoint
-from iet_jax.model import config
-from iet_jax.model import IET
+from iet_jax import benchmarking
+from iet_jax.model import IET, config
 
 
 def measure(name: str, settings: str, size: int, batch: int, dtype: str, repeats: int) -> dict:
     variant, scale = name.rsplit("_x", 1)
-    cfg = config.official(variant, int(scale), settings, **checkpoint.dtype_fields(dtype))
+    cfg = config.official(variant, int(scale), settings, **config.dtype_fields(dtype))
     model = IET(cfg, rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.key(0), (batch, size, size, 3), jnp.dtype(dtype))
     forward = nnx.jit(lambda m, x: m(x))

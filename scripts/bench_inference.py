@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from iet_jax import benchmarking, checkpoint
+from iet_jax import benchmarking
 from iet_jax.model import config as config_lib
 from iet_jax.inference import DEFAULT_OVERLAP, Upscaler
 from iet_jax.model import IET
@@ -27,7 +27,7 @@ from iet_jax.model import IET
 def measure(name: str, width: int, height: int, dtype: str, tile: int | None, overlap: int,
             repeats: int) -> dict:
     variant, scale = name.rsplit("_x", 1)
-    cfg = config_lib.official(variant, int(scale), "eval", **checkpoint.dtype_fields(dtype))
+    cfg = config_lib.official(variant, int(scale), "eval", **config_lib.dtype_fields(dtype))
     upscaler = Upscaler(IET(cfg, rngs=nnx.Rngs(0)), tile=tile, overlap=overlap)
     image = np.random.default_rng(0).random((height, width, 3), np.float32)
     row = dict(model=name, input=f"{width}x{height}", dtype=dtype,

@@ -22,15 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iet_jax import benchmarking, checkpoint, optim, sharding, train
+from iet_jax import benchmarking, optim, sharding, train
 from iet_jax.model import config as config_lib
+from iet_jax.model.network import abstract_model
 from iet_jax import train_state as ts
 
 
 def build_step(cfg, batch: int, patch: int):
     """(jitted step, initial state, batch arrays) for a training config."""
     model_cfg = train.model_config_for_training(cfg)
-    graphdef, _ = nnx.split(checkpoint.abstract_model(model_cfg))
+    graphdef, _ = nnx.split(abstract_model(model_cfg))
     tx, schedule = optim.make_optimizer(cfg.optim)
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
@@ -63,7 +64,7 @@ def measure(name: str, patch: int, batch: int, dtype: str, remat: bool, impl: st
     if quick:  # a tiny network with the same structure, so CPUs finish in seconds
         cfg.model = config_lib.model_config(**{**cfg.model.to_dict(), **_QUICK_MODEL})
     cfg.batch_size, cfg.data.patch_size = batch, patch
-    cfg.model.update(checkpoint.dtype_fields(dtype))
+    cfg.model.update(config_lib.dtype_fields(dtype))
     cfg.model.remat, cfg.model.gather_impl = remat, impl
     row = dict(model=name, patch=patch, batch=batch, dtype=dtype, remat=remat,
                gather_impl=impl)

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iet_jax import checkpoint, convert, pth
-from iet_jax.model import config
+from iet_jax import convert
+from iet_jax.io import model_dir, official, pth, stored
+from iet_jax.model.network import abstract_model
 
 TINY = Path(__file__).parent / "fixtures" / "official_tiny"
 OPTIONS = TINY / "tiny_x2.yml"
@@ -35,7 +36,7 @@ def forward(model, x):
 
 
 def test_load_official_uses_ema_and_matches_official_float32(expected):
-    model = convert.load_official(OPTIONS, WEIGHTS)
+    model = official.load_official(OPTIONS, WEIGHTS)
     out = np.asarray(forward(model, jnp.asarray(expected["input"])))
     # float32: the official run itself moves by ~3e-5 with thread count and memory layout
     # (near-ties at the top-k cut), so this bound is looser than the float64 one below.
@@ -44,7 +45,7 @@ def test_load_official_uses_ema_and_matches_official_float32(expected):
 
 def test_load_official_float64(expected):
     with jax.enable_x64(True):
-        model = convert.load_official(OPTIONS, WEIGHTS, dtype="float64")
+        model = official.load_official(OPTIONS, WEIGHTS, dtype="float64")
         out = np.asarray(forward(model, jnp.asarray(expected["input"], jnp.float64)))
     # The official float64 run kept its float32-rounded RGB mean: about 6e-8 from ours.
     assert np.abs(out - expected["output_float64"]).max() < 1e-6
@@ -54,15 +55,15 @@ def test_params_differ_from_ema(expected):
     state_dict, which = pth.select_state_dict(pth.load_pth(WEIGHTS))
     assert which == "params_ema"
     plain = pth.load_pth(WEIGHTS)["params"]
-    model = convert.load_state_dict(
-        checkpoint.abstract_model(config.from_options_file(OPTIONS)), plain)
+    model = official.load_state_dict(
+        abstract_model(official.from_options_file(OPTIONS)), plain)
     out = np.asarray(forward(model, jnp.asarray(expected["input"])))
     assert np.abs(out - expected["output"]).max() > 1e-2  # the EMA weights are what matched
 
 
 def test_wrong_scale_checkpoint_is_named():
     with pytest.raises(ValueError) as error:
-        convert.load_official(OPTIONS, TINY / "tiny_x4_light.pth")
+        official.load_official(OPTIONS, TINY / "tiny_x4_light.pth")
     message = str(error.value)
     assert "upsample.0.weight" in message and "(48, 12, 3, 3)" in message
     assert "x4 model but the config is x2" in message
@@ -73,9 +74,9 @@ def test_missing_and_unexpected_keys_are_listed():
     state_dict = dict(state_dict)
     state_dict.pop("norm.weight")
     state_dict["extra.weight"] = np.zeros(3)
-    model = checkpoint.abstract_model(config.from_options_file(OPTIONS))
+    model = abstract_model(official.from_options_file(OPTIONS))
     with pytest.raises(ValueError, match=r"missing    norm.weight \(12,\)[\s\S]*unexpected extra"):
-        convert.load_state_dict(model, state_dict)
+        official.load_state_dict(model, state_dict)
 
 
 def test_cli_writes_a_checkpoint_that_loads_back(tmp_path, expected, capsys):
@@ -85,8 +86,8 @@ def test_cli_writes_a_checkpoint_that_loads_back(tmp_path, expected, capsys):
     assert "params_ema" in capsys.readouterr().out
     source = json.loads((out_dir / "source.json").read_text())
     assert source["state_dict_key"] == "params_ema" and len(source["checkpoint_sha256"]) == 64
-    restored = checkpoint.load_model(out_dir)
-    direct = convert.load_official(OPTIONS, WEIGHTS)
+    restored = model_dir.load_model(out_dir)
+    direct = official.load_official(OPTIONS, WEIGHTS)
     x = jnp.asarray(expected["input"])
     np.testing.assert_array_equal(np.asarray(forward(restored, x)), np.asarray(forward(direct, x)))
     assert restored.config.to_dict() == direct.config.to_dict()
@@ -96,20 +97,20 @@ def test_checkpoint_that_does_not_fit_its_config(tmp_path):
     out_dir = tmp_path / "tiny"
     convert.main(["--official-options", str(OPTIONS), "--checkpoint", str(WEIGHTS),
                   "--output", str(out_dir)])
-    cfg = json.loads((out_dir / checkpoint.CONFIG_FILE).read_text())
+    cfg = json.loads((out_dir / stored.CONFIG_FILE).read_text())
     cfg["scale"] = 3
-    (out_dir / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg))
+    (out_dir / stored.CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"do not fit its config.json[\s\S]*upsample"):
-        checkpoint.load_model(out_dir)
+        model_dir.load_model(out_dir)
 
 
 def test_missing_inputs_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an iet-jax model checkpoint"):
-        checkpoint.load_model(tmp_path)
+        model_dir.load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
-        checkpoint.load_model(tmp_path / "nope")
+        model_dir.load_model(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="option file not found"):
-        convert.load_official(tmp_path / "nope.yml", WEIGHTS)
+        official.load_official(tmp_path / "nope.yml", WEIGHTS)
     with pytest.raises(SystemExit):
         convert.main(["--official-options", str(OPTIONS), "--checkpoint",
                       str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o")])
@@ -120,4 +121,4 @@ def test_options_without_network_g(tmp_path):
     shutil.copy(OPTIONS, bad)
     bad.write_text("name: x\nscale: 2\n")
     with pytest.raises(ValueError, match="no network_g section"):
-        config.from_options_file(bad)
+        official.from_options_file(bad)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iet_jax import checkpoint, datasets, evaluate, inference
+from iet_jax import datasets, evaluate, inference
+from iet_jax.io import model_dir
 from iet_jax.conventions import metrics
 from iet_jax.conventions.imresize import imresize
 from test_inference import nearest, neighbourly, photo, random_model, tiny_config
@@ -87,7 +88,7 @@ def test_markdown_table():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ckpt") / "tiny_x2"
-    checkpoint.save_model(directory, random_model(tiny_config(2)))
+    model_dir.save_model(directory, random_model(tiny_config(2)))
     return directory
 
 
@@ -127,7 +128,7 @@ def test_cli_end_to_end(tiny_checkpoint, fake_datasets, tmp_path, capsys):
     assert sorted(p.name for p in (images / "set5").iterdir()) == ["img0.png", "img1.png",
                                                                    "img2.png"]
     # The same numbers straight from evaluate_source (the CLI adds nothing to them).
-    model = checkpoint.load_model(tiny_checkpoint)
+    model = model_dir.load_model(tiny_checkpoint)
     direct = evaluate.evaluate_source(model, make_source(2), 2, tile=12, overlap=4)
     assert direct["psnr"] == pytest.approx(set5["psnr"], abs=1e-9)
     # The demo data's validation split (the default split for non-benchmarks).
@@ -152,7 +153,7 @@ def test_cli_official_split(tiny_checkpoint, fake_datasets, tmp_path, capsys):
     assert "official split test (IETModel.test: LR images of 384x384 pixels or more" in (
         out / "results.md").read_text()
     # A 16x20 LR image is below the threshold: the numbers of the whole-image protocol.
-    model = checkpoint.load_model(tiny_checkpoint)
+    model = model_dir.load_model(tiny_checkpoint)
     whole = evaluate.evaluate_source(model, make_source(2, ((16, 20),)), 2, bicubic=False)
     assert whole["psnr"] == demo["psnr"]
     assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",

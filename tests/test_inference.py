@@ -7,10 +7,10 @@ import pytest
 import skimage.data
 from flax import nnx
 
-from iet_jax import checkpoint, inference
+from iet_jax import inference
 from iet_jax.model import config
 from iet_jax.conventions import metrics
-from iet_jax.model.network import pixel_shuffle
+from iet_jax.model.network import abstract_model, pixel_shuffle
 
 
 # ---------------------------------------------------------------- tiny models shared by tests
@@ -25,7 +25,7 @@ def tiny_config(scale: int = 2):
 
 def random_model(cfg, seed: int = 0):
     """An IET with random weights, filled in from NumPy (no per-shape init compilations)."""
-    graphdef, state = nnx.split(checkpoint.abstract_model(cfg))
+    graphdef, state = nnx.split(abstract_model(cfg))
     rng = np.random.default_rng(seed)
     state = jax.tree_util.tree_map(
         lambda a: jnp.asarray(rng.normal(0.0, 0.2, a.shape), a.dtype), state)
@@ -154,7 +154,7 @@ def test_tile_layout_and_blend_weights_partition_unity():
 
 
 def test_tile_too_small_is_refused_with_the_minimum():
-    model = checkpoint.abstract_model(tiny_config())  # shapes only: nothing compiled
+    model = abstract_model(tiny_config())  # shapes only: nothing compiled
     assert model.min_size() == 10
     with pytest.raises(ValueError, match=r"minimum tile is 10 LR pixels.*sparse_range 5 x dilation 2"):
         inference.Upscaler(model, tile=8)

@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iet_jax import checkpoint
-from iet_jax.model import config
-from iet_jax.model import IET
-from iet_jax.model.network import count_parameters, mirror_pad, pixel_shuffle
+from iet_jax.io import official
+from iet_jax.model import IET, config
+from iet_jax.model.network import abstract_model, count_parameters, mirror_pad, pixel_shuffle
 
 
 @pytest.mark.parametrize("variant,scale", sorted(config.OFFICIAL_PARAMETER_COUNTS))
 @pytest.mark.parametrize("settings", ["train", "eval"])
 def test_parameter_counts_equal_official(variant, scale, settings):
-    model = checkpoint.abstract_model(config.official(variant, scale, settings))
+    model = abstract_model(config.official(variant, scale, settings))
     assert count_parameters(model) == config.OFFICIAL_PARAMETER_COUNTS[variant, scale]
 
 
@@ -59,7 +58,7 @@ def test_forward_shapes_and_crop(tiny_model):
 
 def test_bfloat16_compute_keeps_float32_params(tiny_model):
     cfg = config.model_config(**{**tiny_model.config.to_dict(),
-                                 **checkpoint.dtype_fields("bfloat16")})
+                                 **config.dtype_fields("bfloat16")})
     model = IET(cfg, rngs=nnx.Rngs(0))
     params = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
     assert {p.dtype for p in params} == {jnp.dtype("float32")}
@@ -88,7 +87,7 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="no official network"):
         config.official("iet", 8)
     with pytest.raises(ValueError, match="network_g.ape"):
-        config.from_network_g({"type": "IET", "ape": True})
+        official.from_network_g({"type": "IET", "ape": True})
 
 
 def test_official_settings_differ_where_the_option_files_do():

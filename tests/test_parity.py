@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from iet_jax import checkpoint, convert
-from iet_jax.model import config
+from iet_jax.io import official
 from iet_jax.model import IET
+from iet_jax.model.network import abstract_model
 from seeded_weights import seeded_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
@@ -42,12 +42,12 @@ def load_case(name: str):
 
 def official_model(meta) -> IET:
     """Our model for the fixture's network_g, filled with the seeded official weights."""
-    cfg = config.from_network_g(meta["network_g"], dtype="float64", param_dtype="float64")
-    model = checkpoint.abstract_model(cfg)
-    shapes = convert.official_shapes(model)
+    cfg = official.from_network_g(meta["network_g"], dtype="float64", param_dtype="float64")
+    model = abstract_model(cfg)
+    shapes = official.official_shapes(model)
     # Our key map names exactly the official state dict, shapes included.
     assert shapes == {k: tuple(v) for k, v in meta["param_shapes"].items()}
-    return convert.load_state_dict(model, seeded_state_dict(shapes, meta.get("weight_scales")))
+    return official.load_state_dict(model, seeded_state_dict(shapes, meta.get("weight_scales")))
 
 
 def test_fixtures_cover_the_matrix():
@@ -105,9 +105,9 @@ def test_gradient_parity(name):
         grads = nnx.to_pure_dict(grads)
     np.testing.assert_allclose(float(loss), float(data["loss"]), rtol=1e-10)
     worst = 0.0
-    for key, (path, rule) in convert.official_keys(model).items():
+    for key, (path, rule) in official.official_keys(model).items():
         ref = rule.to_ours(data[f"grad:{key}"])
-        ours = np.asarray(convert.param_at(grads, path))
+        ours = np.asarray(official.param_at(grads, path))
         scale = np.abs(ref).max()
         if scale == 0:  # a parameter the official forward does not use: ours must agree
             np.testing.assert_array_equal(ours, 0, err_msg=key)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from iet_jax.pth import UnsafeCheckpointError, load_pth, select_state_dict
+from iet_jax.io.pth import UnsafeCheckpointError, load_pth, select_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pth"
 NAMES = ("basicsr_ema", "basicsr_params", "bare", "dataparallel", "legacy")

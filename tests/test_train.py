@@ -14,8 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from iet_jax import checkpoint, train
+from iet_jax import train
+from iet_jax.io import model_dir, official, stored
+from iet_jax.io import workdir as workdir_lib
 from iet_jax.model import config as config_lib
+from iet_jax.model.network import abstract_model
 from iet_jax.conventions.imresize import imresize
 from iet_jax.sharding import ConfigError
 
@@ -101,12 +104,12 @@ def test_tiny_run(tmp_path, monkeypatch):
     assert lag > 1e-4  # and it really lags the parameters
 
     # the workdir: load_model gives the EMA weights of the latest (= best) checkpoint
-    assert checkpoint.is_training_workdir(workdir)
-    assert checkpoint.workdir_steps(workdir)[-1] == 8
-    assert checkpoint.workdir_step(workdir, "best") == 8
+    assert workdir_lib.is_training_workdir(workdir)
+    assert workdir_lib.workdir_steps(workdir)[-1] == 8
+    assert workdir_lib.workdir_step(workdir, "best") == 8
     from flax import nnx
-    model = checkpoint.load_model(workdir)
-    loaded = checkpoint.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    model = model_dir.load_model(workdir)
+    loaded = stored.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(read_item(workdir, 8, "ema"))):
         np.testing.assert_array_equal(np.asarray(a), b)
     loader = json.loads((workdir / "checkpoints" / "8" / "loader" / "metadata").read_text())
@@ -131,7 +134,7 @@ def test_tiny_run(tmp_path, monkeypatch):
     cfg.num_steps, cfg.eval_every = 11, 0
     with pytest.raises(train.NonFiniteError, match="at step 10 "):
         train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
-    assert checkpoint.workdir_steps(workdir)[-1] == 9
+    assert workdir_lib.workdir_steps(workdir)[-1] == 9
     cfg.nonfinite = "skip"
     skipped = train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     assert skipped["start_step"] == 9 and skipped["step"] == 11 and skipped["skipped"] == 1
@@ -147,18 +150,16 @@ OFFICIAL_TINY = Path(__file__).parent / "fixtures" / "official_tiny"
 def _ours(model_cfg, state_dict):
     """An official state dict as our nested parameter dict (string keys)."""
     from flax import nnx
-    from iet_jax import convert
 
-    model = convert.load_state_dict(checkpoint.abstract_model(model_cfg), state_dict)
-    return jax.tree.map(np.asarray, checkpoint.with_str_keys(
+    model = official.load_state_dict(abstract_model(model_cfg), state_dict)
+    return jax.tree.map(np.asarray, stored.with_str_keys(
         nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 
 def _random_official(model_cfg, seed):
-    from iet_jax import convert
 
     rng = np.random.default_rng(seed)
-    shapes = convert.official_shapes(checkpoint.abstract_model(model_cfg))
+    shapes = official.official_shapes(abstract_model(model_cfg))
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
 
 
@@ -170,15 +171,15 @@ def _assert_tree_equal(a, b):
 
 def test_init_from_official_pth_params_and_params_ema(tmp_path):
     """BasicSR: the parameters start from `params`, the EMA from `params_ema`."""
-    from iet_jax import pth
+    from iet_jax.io import pth
 
-    model_cfg = config_lib.from_options_file(OFFICIAL_TINY / "tiny_x2.yml")
+    model_cfg = official.from_options_file(OFFICIAL_TINY / "tiny_x2.yml")
     path = OFFICIAL_TINY / "tiny_x2.pth"  # written by torch; the two sets differ
-    official = pth.load_pth(path)
+    weights = pth.load_pth(path)
     start = jax.device_get(train.init_params(model_cfg, 0))
     params, ema, fresh, description = train.load_init_params(str(path), start, model_cfg)
-    _assert_tree_equal(params, _ours(model_cfg, official["params"]))
-    _assert_tree_equal(ema, _ours(model_cfg, official["params_ema"]))
+    _assert_tree_equal(params, _ours(model_cfg, weights["params"]))
+    _assert_tree_equal(ema, _ours(model_cfg, weights["params_ema"]))
     assert fresh == [] and description == "parameters from 'params', EMA from 'params_ema'"
     assert not np.array_equal(params["conv_first"]["kernel"], ema["conv_first"]["kernel"])
 
@@ -187,7 +188,6 @@ def test_init_from_one_set_starts_both(tmp_path):
     """A .pth with only `params`, only `params_ema` or a bare state dict, and a model dir,
     start parameters and EMA from the same weights; other upsamplers stay fresh."""
     from pth_writer import save_pth
-    from iet_jax import convert
 
     model_cfg = train.model_config_for_training(tiny_config())
     sd = _random_official(model_cfg, 0)
@@ -202,8 +202,8 @@ def test_init_from_one_set_starts_both(tmp_path):
         _assert_tree_equal(ema, want)
         assert description == f"parameters from {key!r}, EMA from {key!r}"
     directory = tmp_path / "model"
-    checkpoint.save_model(directory, convert.load_state_dict(
-        checkpoint.abstract_model(model_cfg), sd))
+    model_dir.save_model(directory, official.load_state_dict(
+        abstract_model(model_cfg), sd))
     params, ema, _, _ = train.load_init_params(str(directory), start, model_cfg)
     _assert_tree_equal(params, want)
     _assert_tree_equal(ema, want)
@@ -284,7 +284,7 @@ def test_init_from_other_architecture_is_refused(tmp_path):
     other = tmp_path / "x2"
     other.mkdir()
     light = config_lib.official("iet_light", 2, "train")
-    (other / "config.json").write_text(checkpoint.config_to_json(light))
+    (other / "config.json").write_text(stored.config_to_json(light))
     cfg = config_lib.recipe("iet", 3)
     cfg.init_from = str(other)
     with pytest.raises(ConfigError, match=r"(?s)init_from: .*another architecture.*model\.embed_dim"):
@@ -346,7 +346,7 @@ def test_bfloat16_keeps_float32_state_and_remat_rematerialises():
     params = jax.eval_shape(lambda: train.init_params(model_cfg, 0))
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
     from flax import nnx
-    graphdef, _ = nnx.split(checkpoint.abstract_model(model_cfg))
+    graphdef, _ = nnx.split(abstract_model(model_cfg))
     x = jax.ShapeDtypeStruct((2, 8, 8, 3), np.float32)
     loss = lambda p, x: train.apply_model(graphdef, p, x, train=True).astype(np.float32).mean()
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, x))

@@ -136,17 +136,17 @@ def _resume(workdir: Path, kill_at: int):
     sys.path.insert(0, str(HERE))
     from test_train import synthetic_source, tiny_config
     from iet_jax import train
-    from iet_jax import train_state as ts
+    from iet_jax.io import workdir as workdir_lib
 
     if kill_at:
-        save = ts.Checkpoints.save
+        save = workdir_lib.Checkpoints.save
 
-        def save_then_die(self, state, loader_state, meta, metrics=None):
-            save(self, state, loader_state, meta, metrics)  # async: returns mid-write
+        def save_then_die(self, items, loader_state, meta, metrics=None):
+            save(self, items, loader_state, meta, metrics)  # async: returns mid-write
             if meta["step"] == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        ts.Checkpoints.save = save_then_die
+        workdir_lib.Checkpoints.save = save_then_die
     cfg = tiny_config(steps=6)
     summary = train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     (workdir / "summary.json").write_text(json.dumps(

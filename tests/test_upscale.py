@@ -5,7 +5,8 @@ import png
 import pytest
 from PIL import Image
 
-from iet_jax import checkpoint, inference, upscale
+from iet_jax import inference, upscale
+from iet_jax.io import model_dir
 from test_inference import photo, pointwise_x3, random_model, tiny_config
 
 
@@ -85,7 +86,7 @@ def test_output_names():
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ckpt") / "tiny_x2"
-    checkpoint.save_model(directory, random_model(tiny_config(2)))
+    model_dir.save_model(directory, random_model(tiny_config(2)))
     return directory
 
 

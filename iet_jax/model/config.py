@@ -1,7 +1,8 @@
-"""Model configuration: defaults, the six official networks, and official option files.
+"""Model configuration: defaults and the six official networks.
 
 A model config is an ml_collections ConfigDict whose budget fields keep the official names
 (`topk_focus`, `topk_prop_1/2/3`) so that option files and the paper's tables map one to one.
+Official option files convert with `iet_jax.io.official.from_options_file`.
 
 The released checkpoints were evaluated with `options/test/*.yml` ("eval" settings here) and
 trained with `options/train/*.yml` ("train"). They differ in more than the dilation: the eval
@@ -11,8 +12,7 @@ settings also change some budgets (e.g. classical block 1 keeps 325 instead of 3
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import ml_collections
 
@@ -131,51 +131,6 @@ def dtype_fields(dtype: str) -> dict[str, str]:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     return {"dtype": dtype, "param_dtype": "float32" if dtype == "bfloat16" else dtype}
-
-
-_UNSUPPORTED = {
-    "ape": (False,), "patch_norm": (True,), "resi_connection": ("1conv",), "in_chans": (3,),
-    "patch_size": (1,), "qkv_bias": (True,),
-}
-_IGNORED = {"type", "use_checkpoint"}  # rematerialisation is a training option here
-_ALIASES = {"upscale": "scale", "cur_dim": "nattn_dim", "natten_dim": "nattn_dim"}
-
-
-def from_network_g(network_g: Mapping[str, Any], **overrides: Any) -> ml_collections.ConfigDict:
-    """Turn the `network_g` section of an official BasicSR option file into a model config."""
-    if network_g.get("type", "IET") != "IET":
-        raise ValueError(f"network_g.type is {network_g['type']!r}; only 'IET' converts")
-    fields: dict[str, Any] = {}
-    for key, value in network_g.items():
-        if key in _IGNORED:
-            continue
-        if key in _UNSUPPORTED:
-            if value not in _UNSUPPORTED[key]:
-                raise ValueError(f"network_g.{key} = {value!r} is not supported by iet-jax")
-            continue
-        name = _ALIASES.get(key, key)
-        if isinstance(value, list):
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        fields[name] = value
-    if isinstance(fields.get("depths"), int):
-        fields["depths"] = (fields["depths"],)
-    fields["mlp_ratio"] = float(fields.get("mlp_ratio", 2.0))
-    fields["img_range"] = float(fields.get("img_range", 1.0))
-    return model_config(**{**fields, **overrides})
-
-
-def from_options_file(path: str | Path, **overrides: Any) -> ml_collections.ConfigDict:
-    """Read an official option file (.yml) and convert its `network_g` section."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"official option file not found: {path}")
-    with path.open() as f:
-        options = yaml.safe_load(f)
-    if not isinstance(options, dict) or "network_g" not in options:
-        raise ValueError(f"{path} has no network_g section; is it a BasicSR option file?")
-    return from_network_g(options["network_g"], **overrides)
 
 
 # ----------------------------------------------------------------------------- training recipes

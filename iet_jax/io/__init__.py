@@ -1,0 +1,11 @@
+"""Weights and checkpoints on disk, read and written.
+
+- `pth`: PyTorch `.pth` files read safely, without torch.
+- `official`: the official code's state-dict key map, `.pth` -> model, and BasicSR option
+  files -> model configs.
+- `stored`: what model directories and training workdirs store alike (`config.json`,
+  parameter trees with string keys).
+- `model_dir`: a model directory (`config.json` + `params/`): `save_model`, `load_model`
+  (which also reads a training workdir's weights).
+- `workdir`: the training workdir: its checkpoints, written (`Checkpoints`) and read.
+"""

@@ -1,0 +1,86 @@
+"""What model directories and training workdirs store alike.
+
+Both hold the model config as `config.json` beside parameter trees that orbax wrote from nested
+dicts with string keys. This module reads and writes that config, converts between the model's
+parameter dicts (integer keys for `nnx.List` entries) and the stored form, and builds the model
+a `config.json` describes before its stored parameters are checked against it and filled in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from iet_jax.model import config as config_lib
+from iet_jax.model.network import IET, abstract_model
+
+CONFIG_FILE = "config.json"
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def config_from_json(text: str, **overrides: Any) -> ml_collections.ConfigDict:
+    fields = json.loads(text)
+    for key in ("depths", "topk_focus", "topk_prop_1", "topk_prop_2", "topk_prop_3"):
+        if key in fields:
+            fields[key] = tuple(tuple(v) if isinstance(v, list) else v for v in fields[key])
+    return config_lib.model_config(**{**fields, **overrides})
+
+
+def empty_model(directory: Path, dtype: str | None):
+    """(graphdef, state, pure-dict target) of the model `directory`/config.json describes."""
+    overrides = {} if dtype is None else config_lib.dtype_fields(dtype)
+    config = config_from_json((directory / CONFIG_FILE).read_text(), **overrides)
+    graphdef, state = nnx.split(abstract_model(config))
+    return graphdef, state, nnx.to_pure_dict(state)
+
+
+def filled_model(graphdef, state, target, stored) -> IET:
+    """The model with `stored` (already checked against `target`) cast to its dtypes."""
+    restored = jax.tree_util.tree_map(
+        lambda ref, value: jnp.asarray(value, ref.dtype), target, stored)
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state)
+
+
+def check_tree(directory: Path, target: dict, stored: Any) -> None:
+    """Refuse a checkpoint whose parameter tree does not fit the config, naming the entries."""
+    want, have = _shapes_by_path(target), _shapes_by_path(stored)
+    problems = [f"missing {k} {s}" for k, s in want.items() if k not in have]
+    problems += [f"unexpected {k} {s}" for k, s in have.items() if k not in want]
+    problems += [f"{k}: checkpoint {have[k]} vs config {s}" for k, s in want.items()
+                 if k in have and have[k] != s]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"the parameters in {directory} do not fit its {CONFIG_FILE}:\n  {shown}{more}")
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+    """'blocks/0/layers/1/wqkv/kernel' -> shape."""
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def with_str_keys(tree):
+    """Integer keys (nnx.List indices) as strings, the form orbax stores."""
+    if not isinstance(tree, dict):
+        return tree
+    return {str(k): with_str_keys(v) for k, v in tree.items()}
+
+
+def with_int_keys(tree):
+    """Undo `with_str_keys` on a restored nested dict."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: with_int_keys(v)
+            for k, v in tree.items()}
