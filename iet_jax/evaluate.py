@@ -35,7 +35,7 @@ from iet_jax import inference
 from iet_jax.io import model_dir
 from iet_jax.conventions import metrics
 from iet_jax.conventions.imresize import bicubic_upscale
-from iet_jax.datasets.source import BENCHMARKS
+from iet_jax.datasets.catalog import BENCHMARKS
 
 DEFAULT_DATASETS = BENCHMARKS  # the five every SR paper reports
 DISPLAY_NAMES = {"set5": "Set5", "set14": "Set14", "b100": "B100", "urban100": "Urban100",

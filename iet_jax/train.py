@@ -32,6 +32,7 @@ from flax import nnx
 from iet_jax import optim as optim_lib
 from iet_jax import sharding as sharding_lib
 from iet_jax import train_state as ts
+from iet_jax.datasets import loader as loader_lib
 from iet_jax.io import model_dir, official, pth, stored
 from iet_jax.io import workdir as workdir_lib
 from iet_jax.model import config as config_lib
@@ -442,8 +443,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     Returns a summary: final step, the (step, loss) history of this invocation, the last
     validation scores and the bicubic reference.
     """
-    from iet_jax.input_pipeline import PairedPatchLoader
-
     workdir = Path(workdir).absolute()
     if devices is None:
         sharding_lib.maybe_initialize_distributed(config.distributed)
@@ -480,7 +479,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         checkpoints = workdir_lib.Checkpoints(workdir, keep=config.keep_checkpoints,
                                      async_save=config.async_checkpointing,
                                      keep_best=bool(config.eval_every))
-        loader = PairedPatchLoader(
+        loader = loader_lib.PairedPatchLoader(
             train_source, scale=config.data.scale, patch_size=config.data.patch_size,
             global_batch_size=config.batch_size, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from iet_jax.datasets import DatasetNotBuiltError, open_source
-from iet_jax.datasets import build as build_mod
-from iet_jax.input_pipeline import PairedPatchLoader
+from iet_jax.datasets import builders
+from iet_jax.datasets.loader import PairedPatchLoader
 
 CASES = [  # (scale, LR patch, global batch)
     (4, 64, 16),
@@ -68,7 +68,7 @@ def main() -> None:
                 open_source("demo", "train", scale, data_dir=d)
             except DatasetNotBuiltError:
                 start = time.perf_counter()
-                build_mod.build("demo", scale, data_dir=d, verbose=False, storage=storage)
+                builders.build("demo", scale, data_dir=d, verbose=False, storage=storage)
                 build_s[f"{storage} x{scale}"] = round(time.perf_counter() - start, 1)
     results = []
     for scale, patch, batch in CASES:

@@ -18,7 +18,7 @@ from iet_jax.conventions import imresize
 from iet_jax.datasets import (BadImageError, DatasetNotBuiltError, build_command,
                               default_data_dir, open_source)
 from iet_jax.datasets import build as build_mod
-from iet_jax.datasets import builders, images
+from iet_jax.datasets import builders, images, layouts
 
 
 def smooth_image(rng, h, w, channels=3):
@@ -66,7 +66,7 @@ def check_pairs(src, scale, generated=True):
 def build(dataset, scale, data_dir, **kw):
     kw.setdefault("num_workers", 2)
     kw.setdefault("verbose", False)
-    return build_mod.build(dataset, scale, data_dir=data_dir, **kw)
+    return builders.build(dataset, scale, data_dir=data_dir, **kw)
 
 
 # ------------------------------------------------------------------ basics
@@ -430,14 +430,14 @@ def test_bad_data_fails_naming_the_file(tmp_path):
     # each bad case alone gives its own message
     cases = {"trunc": "truncated|corrupt", "deep": "16-bit", "mismatch": "does not match HR"}
     for name, msg in cases.items():
-        item = builders.Item(name, builders.Source.file(hr / f"{name}.png"),
-                             builders.Source.file(lr / f"{name}.png"))
+        item = layouts.Item(name, layouts.Source.file(hr / f"{name}.png"),
+                            layouts.Source.file(lr / f"{name}.png"))
         with pytest.raises(BadImageError, match=msg) as e:
-            builders.make_pair(item, 4)
+            builders.make_examples(item, 4)
         assert f"{name}.png" in str(e.value)
-    tiny = builders.Item("t", builders.Source.array("tiny", lambda: np.zeros((3, 9, 3), np.uint8)))
+    tiny = layouts.Item("t", layouts.Source.array("tiny", lambda: np.zeros((3, 9, 3), np.uint8)))
     with pytest.raises(BadImageError, match="smaller than the scale"):
-        builders.make_pair(tiny, 4)
+        builders.make_examples(tiny, 4)
 
 
 def test_bad_data_skipped_and_counted(tmp_path, capsys):

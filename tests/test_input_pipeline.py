@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from iet_jax.conventions import imresize
-from iet_jax.datasets import build as build_mod
+from iet_jax.datasets import builders
 from iet_jax.datasets import open_source
-from iet_jax.input_pipeline import PairedPatchLoader
+from iet_jax.datasets.loader import PairedPatchLoader
 
 
 def _image(rng, h, w):
@@ -232,7 +232,7 @@ def test_loader_on_a_built_dataset(tmp_path):
     from PIL import Image
     for i in range(3):
         Image.fromarray(_image(rng, 48 + 4 * i, 40)).save(hr_dir / f"{i}.png")
-    build_mod.build("paired", 4, data_dir=tmp_path / "d", name="tiny", hr_dirs=[hr_dir],
+    builders.build("paired", 4, data_dir=tmp_path / "d", name="tiny", hr_dirs=[hr_dir],
                     verbose=False, num_workers=1)
     src = open_source("tiny", "train", 4, data_dir=tmp_path / "d")
     loader = PairedPatchLoader(src, scale=4, patch_size=8, global_batch_size=4, seed=0)

@@ -120,9 +120,9 @@ def test_tiny_run(tmp_path, monkeypatch):
     assert again["start_step"] == 8 and again["history"] == [] and again["step"] == 8
 
     # non-finite loss at step 10: stop naming the step, keep the last good checkpoint
-    from iet_jax import input_pipeline
+    from iet_jax.datasets import loader as loader_lib
 
-    class Poisoned(input_pipeline.PairedPatchLoader):
+    class Poisoned(loader_lib.PairedPatchLoader):
         def __next__(self):
             step = self.step
             out = dict(super().__next__())
@@ -130,7 +130,7 @@ def test_tiny_run(tmp_path, monkeypatch):
                 out["lr"] = np.full_like(out["lr"], np.nan)
             return out
 
-    monkeypatch.setattr(input_pipeline, "PairedPatchLoader", Poisoned)
+    monkeypatch.setattr(loader_lib, "PairedPatchLoader", Poisoned)
     cfg.num_steps, cfg.eval_every = 11, 0
     with pytest.raises(train.NonFiniteError, match="at step 10 "):
         train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))

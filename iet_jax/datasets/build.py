@@ -28,54 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from iet_jax.datasets.source import BENCHMARKS, default_data_dir
-
-
-def make_builder(dataset: str, scale: int, *, data_dir, name=None, hr_dirs=(), lr_dirs=(),
-                 manual_dir=None, skip_bad=False, num_workers=None, verbose=True,
-                 subimage=None, subimage_step=None, storage="png"):
-    """The builder for one dataset and scale (not yet built)."""
-    from iet_jax.datasets import builders
-
-    if subimage and dataset not in ("paired", "div2k"):
-        raise SystemExit("--subimage is for training sets (--dataset paired or div2k)")
-    common = dict(config=f"x{scale}", data_dir=str(data_dir), skip_bad=skip_bad,
-                  num_workers=num_workers, verbose=verbose, subimage=subimage,
-                  subimage_step=subimage_step, storage=storage)
-    if dataset == "demo":
-        return builders.DemoBuilder(**common)
-    if dataset == "paired":
-        if not name or not hr_dirs:
-            raise SystemExit("--dataset paired needs --name and at least one --hr-dir")
-        if lr_dirs and len(lr_dirs) != len(hr_dirs):
-            raise SystemExit("give one --lr-dir per --hr-dir (same order), or none")
-        lr = [None if str(d).lower() in ("none", "-", "") else d for d in lr_dirs]
-        return builders.FolderBuilder(name=name, hr_dirs=list(hr_dirs), lr_dirs=lr or None,
-                                      **common)
-    if dataset == "benchmark":
-        if not manual_dir:
-            raise SystemExit("--dataset benchmark needs --manual-dir (the folder with the "
-                             "benchmarks, e.g. TestDataSR)")
-        if not name:
-            raise SystemExit(f"--dataset benchmark needs --name ({', '.join(BENCHMARKS)})")
-        return builders.BenchmarkBuilder(name=name, manual_dir=manual_dir, **common)
-    if dataset == "div2k":
-        if not manual_dir:
-            raise SystemExit("--dataset div2k needs --manual-dir (the folder with the DIV2K "
-                             "zips or their extracted folders)")
-        return builders.Div2kBuilder(manual_dir=manual_dir, **common)
-    raise SystemExit(f"unknown --dataset {dataset!r}")
-
-
-def build(dataset: str, scale: int, *, data_dir=None, overwrite=False, **kwargs) -> Path:
-    """Build one dataset at one scale; returns the build directory."""
-    data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
-    b = make_builder(dataset, scale, data_dir=data_dir, **kwargs)
-    if overwrite and Path(b.data_dir).exists():
-        import shutil
-        shutil.rmtree(b.data_dir)
-    b.download_and_prepare(file_format="array_record")
-    return Path(b.data_dir)
+from iet_jax.datasets import builders, layouts
+from iet_jax.datasets.catalog import BENCHMARKS, default_data_dir
 
 
 def main(argv=None) -> int:
@@ -118,9 +72,7 @@ def main(argv=None) -> int:
     try:
         names = [a.name]
         if a.dataset == "benchmark" and not a.name and a.manual_dir:
-            from iet_jax.datasets import builders
-
-            names = builders.benchmarks_in(a.manual_dir)
+            names = layouts.benchmarks_in(a.manual_dir)
             if not names:
                 raise FileNotFoundError(
                     f"no benchmark found in {a.manual_dir} (neither the official HR/<Set>/x<s>/ "
@@ -129,11 +81,12 @@ def main(argv=None) -> int:
         for name in names:
             for s in scales:
                 t0 = time.time()
-                out = build(a.dataset, s, data_dir=data_dir, name=name, hr_dirs=a.hr_dir,
-                            lr_dirs=a.lr_dir, manual_dir=a.manual_dir, skip_bad=a.skip_bad,
-                            num_workers=a.num_workers, overwrite=a.overwrite,
-                            subimage=a.subimage, subimage_step=a.subimage_step,
-                            storage=a.storage)
+                out = builders.build(a.dataset, s, data_dir=data_dir, name=name,
+                                     hr_dirs=a.hr_dir, lr_dirs=a.lr_dir,
+                                     manual_dir=a.manual_dir, skip_bad=a.skip_bad,
+                                     num_workers=a.num_workers, overwrite=a.overwrite,
+                                     subimage=a.subimage, subimage_step=a.subimage_step,
+                                     storage=a.storage)
                 print(f"built {out} in {time.time() - t0:.1f} s")
     except (FileNotFoundError, ValueError) as e:  # bad folders or images: named in e
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)

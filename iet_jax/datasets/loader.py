@@ -21,7 +21,7 @@ import functools
 import os
 import threading
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -312,10 +312,3 @@ def _dihedral_index(h: int, w: int, c: int, hflip: bool, vflip: bool, rot: bool)
     if rot:
         pix = pix.T
     return (pix.reshape(-1, 1) * c + np.arange(c)).reshape(-1)
-
-
-def local_batch_rows(global_batch_size: int, process_index: int,
-                     process_count: int) -> Sequence[int]:
-    """Rows of the global batch that process ``process_index`` gets."""
-    b = global_batch_size // process_count
-    return range(process_index * b, (process_index + 1) * b)

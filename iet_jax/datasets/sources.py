@@ -1,93 +1,21 @@
 """Opening built datasets: ``open_source`` and the random-access ``PairedSource``.
 
 Reading goes through ``tfds.builder_from_directory(...).as_data_source(split)``: NumPy and
-Pillow only, no TensorFlow, and no need for the builder classes.
+Pillow only, no TensorFlow, and no need for the builder classes (the demo data, which
+``open_source(..., build_demo=True)`` builds when missing, aside).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shlex
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-TRAINING_SETS = ("demo", "div2k", "df2k")
-BENCHMARKS = ("set5", "set14", "b100", "urban100", "manga109")
-
-
-class DatasetNotBuiltError(FileNotFoundError):
-    """The dataset is not built; the message is the command that builds it."""
-
-    def __init__(self, command: str):
-        self.command = command
-        super().__init__(command)
-
-    def __str__(self) -> str:
-        return self.command
-
-
-def default_data_dir() -> Path:
-    """``$IET_DATA_DIR`` if set, else ``~/tensorflow_datasets``."""
-    env = os.environ.get("IET_DATA_DIR")
-    return Path(env).expanduser() if env else Path("~/tensorflow_datasets").expanduser()
-
-
-def default_split(name: str) -> str:
-    return "test" if name.lower() in BENCHMARKS else "train"
-
-
-def build_command(name: str, scale: int, data_dir) -> str:
-    """The command that builds ``name`` at ``scale`` into ``data_dir``."""
-    name = name.lower()
-    dd = shlex.quote(str(data_dir))
-    base = "python -m iet_jax.datasets.build"
-    if name == "demo":
-        return f"{base} --dataset demo --scale {scale} --data-dir {dd}"
-    if name == "div2k":
-        return (f"{base} --dataset div2k --scale {scale} --manual-dir <folder with the DIV2K "
-                f"zips> --data-dir {dd}")
-    if name in BENCHMARKS:
-        return (f"{base} --dataset benchmark --name {name} --scale {scale} --manual-dir "
-                f"<folder with {name}> --data-dir {dd}")
-    if name == "df2k":
-        return (f"{base} --dataset paired --name df2k --scale {scale} --hr-dir "
-                f"<DIV2K_train_HR> --hr-dir <Flickr2K_HR> --data-dir {dd}")
-    return (f"{base} --dataset paired --name {name} --scale {scale} --hr-dir <HR folder> "
-            f"[--lr-dir <LR x{scale} folder>] --data-dir {dd}")
-
-
-def _latest_version(config_dir: Path) -> Path | None:
-    if not config_dir.is_dir():
-        return None
-    versions = []
-    for p in config_dir.iterdir():
-        if (p / "dataset_info.json").is_file():
-            try:
-                versions.append((tuple(int(x) for x in p.name.split(".")), p))
-            except ValueError:
-                continue
-    return max(versions)[1] if versions else None
-
-
-def find_build(name: str, scale: int, data_dir=None) -> Path | None:
-    """The directory of a finished build of ``name`` at ``scale``, or None.
-
-    Looks for iet-jax's build ``<data_dir>/iet_<name>/x<s>/<version>/`` and, for
-    ``div2k``, also TFDS's own ``<data_dir>/div2k/bicubic_x<s>/<version>/``.
-    """
-    data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
-    name = name.lower()
-    candidates = [data_dir / f"iet_{name}" / f"x{scale}"]
-    if name == "div2k":
-        candidates.append(data_dir / "div2k" / f"bicubic_x{scale}")
-    for c in candidates:
-        v = _latest_version(c)
-        if v is not None:
-            return v
-    return None
+from iet_jax.datasets import builders
+from iet_jax.datasets.catalog import (DatasetNotBuiltError, build_command, default_data_dir,
+                                      default_split, find_build)
 
 
 class PairedSource(Sequence):
@@ -181,8 +109,7 @@ def open_source(name: str, split: str | None = None, scale: int = 4,
     split = split or default_split(name)
     build = find_build(name, scale, data_dir)
     if build is None and build_demo and name.lower() == "demo":
-        from iet_jax.datasets import build as build_mod
-        build = build_mod.build("demo", scale, data_dir=data_dir, verbose=False)
+        build = builders.build("demo", scale, data_dir=data_dir, verbose=False)
     if build is None:
         raise DatasetNotBuiltError(build_command(name, scale, data_dir))
     return PairedSource(build, split, scale, name=name.lower())
