@@ -7,171 +7,32 @@
 
 Each dataset is opened with `iet_jax.datasets.open_source(name, split, scale)` at the
 checkpoint's scale; every LR image is upscaled, and the output is compared with its HR image
-by `iet_jax.metrics` (uint8, `scale` pixels cropped per border, BT.601 Y). The reference row
-is MATLAB-bicubic upscaling of the same LR image (`iet_jax.imresize`). Results print as a
-table (PSNR/SSIM per dataset) and, with `--output`, go to `results.json` (per image too) and
-`results.md`.
+by `iet_jax.conventions.metrics` (uint8, `scale` pixels cropped per border, BT.601 Y). The
+reference row is MATLAB-bicubic upscaling of the same LR image
+(`iet_jax.conventions.imresize`). Results print as a table (PSNR/SSIM per dataset) and, with
+`--output`, go to `results.json` (per image too) and `results.md`. The library part is
+`iet_jax.evaluation.benchmark`.
 
 The protocol (how images reach the model) is recorded with the numbers: `whole` (default:
 each image in one piece), `tiled` (`--tile`: blended fixed-size tiles) or `official-split`
 (`--official-split`: the official IETModel test, which cuts LR images of 384 x 384 pixels or
-more into patches and keeps each patch's own cell; see `iet_jax.inference`). With the split
-test each image's row in `results.json` gives its patch grid (`[1, 1]`: whole).
+more into patches and keeps each patch's own cell; see `iet_jax.evaluation.inference`). With the
+split test each image's row in `results.json` gives its patch grid (`[1, 1]`: whole).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
-
-from iet_jax import inference
+from iet_jax import datasets
+from iet_jax.evaluation import inference
+from iet_jax.evaluation.benchmark import (DEFAULT_DATASETS, DISPLAY_NAMES, describe_protocol,
+                                          evaluate_source, format_scores, markdown_table,
+                                          parse_datasets)
 from iet_jax.io import model_dir
-from iet_jax.conventions import metrics
-from iet_jax.conventions.imresize import bicubic_upscale
-from iet_jax.datasets.catalog import BENCHMARKS
-
-DEFAULT_DATASETS = BENCHMARKS  # the five every SR paper reports
-DISPLAY_NAMES = {"set5": "Set5", "set14": "Set14", "b100": "B100", "urban100": "Urban100",
-                 "manga109": "Manga109", "demo": "Demo"}
-
-
-def _check_pair(hr: np.ndarray, lr: np.ndarray, scale: int, name: str) -> np.ndarray:
-    """HR cropped to LR * scale (as BasicSR's paired dataset does), or a clear error."""
-    h, w = lr.shape[:2]
-    if hr.shape[0] < h * scale or hr.shape[1] < w * scale or (
-            hr.shape[0] >= (h + 1) * scale or hr.shape[1] >= (w + 1) * scale):
-        ratio = hr.shape[0] / h
-        raise ValueError(
-            f"{name}: HR {hr.shape[0]}x{hr.shape[1]} and LR {h}x{w} are a x{ratio:g} pair, but "
-            f"the model upscales x{scale}: evaluate on the dataset built for x{scale}")
-    return hr[:h * scale, :w * scale]
-
-
-def evaluate_source(model, source: Sequence[dict], scale: int, *, self_ensemble: bool = False,
-                    tile: int | None = None, overlap: int = inference.DEFAULT_OVERLAP,
-                    save_dir: str | Path | None = None, bicubic: bool = True,
-                    tile_batch: int = inference.DEFAULT_TILE_BATCH, limit: int | None = None,
-                    progress: bool = False, desc: str = "", split: int | None = None) -> dict:
-    """PSNR / SSIM (Y, border `scale`) of `model` over a sequence of {'hr', 'lr', 'name'}.
-
-    `model` is an IET (or an `inference.Upscaler`, or a callable with a `scale`). Returns
-    {'count', 'psnr', 'ssim', 'bicubic_psnr', 'bicubic_ssim', 'seconds', 'protocol',
-    'images': [...]} with the means over the images (bicubic entries only when `bicubic`).
-    `split=inference.OFFICIAL_SPLIT` runs the official split test (then each image row has
-    its 'patches' grid). `save_dir` receives each output as `<name>.png`.
-    """
-    if isinstance(model, inference.Upscaler):
-        upscaler = model
-    else:
-        upscaler = inference.Upscaler(model, tile=tile, overlap=overlap,
-                                      self_ensemble=self_ensemble, tile_batch=tile_batch,
-                                      split=split)
-    if upscaler.scale != scale:
-        raise ValueError(f"the checkpoint upscales x{upscaler.scale} but the dataset is x{scale}")
-    source_scale = getattr(source, "scale", None)
-    if source_scale is not None and source_scale != scale:
-        raise ValueError(f"the dataset was opened at x{source_scale} but the model upscales "
-                         f"x{scale}")
-    save_dir = None if save_dir is None else Path(save_dir)
-    n = len(source) if limit is None else min(limit, len(source))
-    indices = range(n)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc=desc or "evaluating", unit="img", leave=False)
-    rows, seconds = [], 0.0
-    for i in indices:
-        example = source[i]
-        name = str(example.get("name", f"{i:04d}"))
-        lr = np.asarray(example["lr"])
-        if lr.dtype != np.uint8 or lr.ndim != 3 or lr.shape[-1] != 3:
-            raise ValueError(f"{name}: expected uint8 RGB images, got {lr.dtype} {lr.shape}")
-        hr = _check_pair(np.asarray(example["hr"]), lr, scale, name)
-        start = time.perf_counter()
-        sr = metrics.to_uint8(upscaler(lr.astype(np.float32) / 255.0))
-        seconds += time.perf_counter() - start
-        row = {"name": name, "lr_shape": list(lr.shape[:2]),
-               "psnr": metrics.psnr(sr, hr, scale), "ssim": metrics.ssim(sr, hr, scale)}
-        if upscaler.split is not None:
-            row["patches"] = list(inference.split_grid(*lr.shape[:2], upscaler.split))
-        if bicubic:
-            ref = bicubic_upscale(lr, scale)
-            row["bicubic_psnr"] = metrics.psnr(ref, hr, scale)
-            row["bicubic_ssim"] = metrics.ssim(ref, hr, scale)
-        rows.append(row)
-        if save_dir is not None:
-            from PIL import Image
-
-            save_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(sr).save(save_dir / f"{_safe_name(name)}.png")
-    result = {"count": len(rows), "seconds": seconds, "protocol": upscaler.protocol}
-    keys = ["psnr", "ssim"] + (["bicubic_psnr", "bicubic_ssim"] if bicubic else [])
-    for key in keys:
-        result[key] = float(np.mean([r[key] for r in rows])) if rows else math.nan
-    result["images"] = rows
-    return result
-
-
-def describe_protocol(upscaler: inference.Upscaler) -> str:
-    """How the images reached the model, in words (for results.md and the printout)."""
-    if upscaler.protocol == "official-split":
-        size = upscaler.split
-        return (f"official split test (IETModel.test: LR images of {size}x{size} pixels or "
-                f"more in patches, the rest whole)")
-    if upscaler.protocol == "tiled":
-        return f"tiles {upscaler.tile} (overlap {upscaler.overlap})"
-    return "whole images"
-
-
-def _safe_name(name: str) -> str:
-    name = Path(name).stem if "." in Path(name).name else Path(name).name
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "image"
-
-
-def _cell(psnr: float, ssim: float) -> str:
-    return f"{psnr:.2f} / {ssim:.4f}"
-
-
-def markdown_table(results: dict[str, dict], scale: int, label: str) -> str:
-    """Rows: bicubic and the model; columns: the datasets (PSNR / SSIM on Y)."""
-    names = list(results)
-    head = "| method | scale | " + " | ".join(DISPLAY_NAMES.get(n, n) for n in names) + " |"
-    rule = "|---|---|" + "---|" * len(names)
-    lines = [head, rule]
-    if all("bicubic_psnr" in r for r in results.values()):
-        lines.append(f"| bicubic | x{scale} | " + " | ".join(
-            _cell(r["bicubic_psnr"], r["bicubic_ssim"]) for r in results.values()) + " |")
-    lines.append(f"| {label} | x{scale} | " + " | ".join(
-        _cell(r["psnr"], r["ssim"]) for r in results.values()) + " |")
-    return "\n".join(lines)
-
-
-def parse_datasets(spec: str, split: str | None = None) -> list[tuple[str, str]]:
-    """'set5,demo:validation' -> [('set5', 'test'), ('demo', 'validation')].
-
-    The split of a name without one is `split` if given, else 'test' for the benchmarks and
-    'validation' for anything else (the demo data, DIV2K).
-    """
-    out = []
-    for item in spec.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        name, _, own = item.partition(":")
-        default = "test" if name in DEFAULT_DATASETS else "validation"
-        out.append((name, own or split or default))
-    if not out:
-        raise ValueError("--datasets names no dataset")
-    if len({n for n, _ in out}) != len(out):
-        raise ValueError(f"--datasets names a dataset twice: {spec}")
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale is not None and args.scale != scale:
         print(f"error: the checkpoint upscales x{scale}, not x{args.scale}", file=sys.stderr)
         return 2
-    from iet_jax import datasets
-
     sources, problems = {}, []
     for name, split in wanted:  # open every dataset first: fail before any compute
         try:
@@ -264,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         results[name] = res
-        ref = (f"  (bicubic {_cell(res['bicubic_psnr'], res['bicubic_ssim'])})"
+        ref = (f"  (bicubic {format_scores(res['bicubic_psnr'], res['bicubic_ssim'])})"
                if "bicubic_psnr" in res else "")
         print(f"{DISPLAY_NAMES.get(name, name)}: {res['count']} images, "
-              f"{_cell(res['psnr'], res['ssim'])}{ref}, {res['seconds']:.1f} s", flush=True)
+              f"{format_scores(res['psnr'], res['ssim'])}{ref}, {res['seconds']:.1f} s", flush=True)
     table = markdown_table(results, scale, label)
     print()
     print(table)

@@ -6,8 +6,8 @@
         [--tile 96 --tile-overlap 16] [--output FILE]
 
 Whole-image inference is one jitted forward on the full LR image; tiled inference goes
-through `iet_jax.inference.Upscaler` (fixed-size tiles, blended). Reports the median latency
-of `--repeats` runs after the first (compiling) one and the device's peak memory.
+through `iet_jax.evaluation.inference.Upscaler` (fixed-size tiles, blended). Reports the median
+latency of `--repeats` runs after the first (compiling) one and the device's peak memory.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from iet_jax import benchmarking
-from iet_jax.model import config as config_lib
-from iet_jax.inference import DEFAULT_OVERLAP, Upscaler
+from iet_jax.evaluation.inference import DEFAULT_OVERLAP, Upscaler
 from iet_jax.model import IET
+from iet_jax.model import config as config_lib
 
 
 def measure(name: str, width: int, height: int, dtype: str, tile: int | None, overlap: int,

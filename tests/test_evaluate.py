@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iet_jax import datasets, evaluate, inference
-from iet_jax.io import model_dir
+from iet_jax import datasets, evaluate
 from iet_jax.conventions import metrics
 from iet_jax.conventions.imresize import imresize
+from iet_jax.evaluation import benchmark, inference
+from iet_jax.io import model_dir
 from test_inference import nearest, neighbourly, photo, random_model, tiny_config
 
 
@@ -25,7 +26,7 @@ def make_source(scale, sizes=((24, 30), (18, 22), (20, 20))):
 
 def test_evaluate_source_numbers_and_saved_images(tmp_path):
     source = make_source(2)
-    res = evaluate.evaluate_source(nearest, source, 2, save_dir=tmp_path / "sr")
+    res = benchmark.evaluate_source(nearest, source, 2, save_dir=tmp_path / "sr")
     assert res["count"] == 3 and len(res["images"]) == 3
     for ex, row in zip(source, res["images"]):
         sr = metrics.to_uint8(np.asarray(nearest(jnp.asarray(ex["lr"][None] / 255.0)))[0])
@@ -38,7 +39,7 @@ def test_evaluate_source_numbers_and_saved_images(tmp_path):
     assert res["psnr"] == pytest.approx(np.mean([r["psnr"] for r in res["images"]]))
     assert res["bicubic_psnr"] > res["psnr"]  # MATLAB bicubic beats nearest neighbour
     # Tiled and self-ensembled evaluation of an equivariant per-pixel model: same numbers.
-    again = evaluate.evaluate_source(nearest, source, 2, tile=8, overlap=2, self_ensemble=True,
+    again = benchmark.evaluate_source(nearest, source, 2, tile=8, overlap=2, self_ensemble=True,
                                      bicubic=False)
     assert again["psnr"] == pytest.approx(res["psnr"], abs=1e-9)
     assert "bicubic_psnr" not in again
@@ -46,14 +47,14 @@ def test_evaluate_source_numbers_and_saved_images(tmp_path):
 
 def test_evaluate_source_with_the_split_test():
     source = make_source(2)  # LR 24x30 (split 2 x 2 at 20), 18x22 (396 < 400: whole), 20x20
-    res = evaluate.evaluate_source(neighbourly, source, 2, split=20, bicubic=False)
+    res = benchmark.evaluate_source(neighbourly, source, 2, split=20, bicubic=False)
     assert res["protocol"] == "official-split"
     assert [r["patches"] for r in res["images"]] == [[2, 2], [1, 1], [2, 2]]
     split = inference.Upscaler(neighbourly, split=20)
     for ex, row in zip(source, res["images"]):
         sr = metrics.to_uint8(split(ex["lr"] / np.float32(255.0)))
         assert row["psnr"] == metrics.psnr(sr, ex["hr"], 2)
-    whole = evaluate.evaluate_source(neighbourly, source, 2, bicubic=False)
+    whole = benchmark.evaluate_source(neighbourly, source, 2, bicubic=False)
     assert whole["protocol"] == "whole" and "patches" not in whole["images"][0]
     assert whole["images"][1]["psnr"] == res["images"][1]["psnr"]  # below the threshold
     assert whole["images"][0]["psnr"] != res["images"][0]["psnr"]
@@ -61,24 +62,24 @@ def test_evaluate_source_with_the_split_test():
 
 def test_scale_mismatch_is_explained():
     with pytest.raises(ValueError, match=r"x3 pair, but the model upscales x2"):
-        evaluate.evaluate_source(nearest, make_source(3), 2)
+        benchmark.evaluate_source(nearest, make_source(3), 2)
     with pytest.raises(ValueError, match=r"checkpoint upscales x2 but the dataset is x4"):
-        evaluate.evaluate_source(nearest, make_source(4), 4)
+        benchmark.evaluate_source(nearest, make_source(4), 4)
 
 
 def test_dataset_names_and_splits():
-    assert evaluate.parse_datasets("Set5, demo:train,div2k") == [
+    assert benchmark.parse_datasets("Set5, demo:train,div2k") == [
         ("set5", "test"), ("demo", "train"), ("div2k", "validation")]
-    assert evaluate.parse_datasets("set5,demo", "validation") == [
+    assert benchmark.parse_datasets("set5,demo", "validation") == [
         ("set5", "validation"), ("demo", "validation")]
     with pytest.raises(ValueError, match="twice"):
-        evaluate.parse_datasets("set5,set5")
+        benchmark.parse_datasets("set5,set5")
 
 
 def test_markdown_table():
     res = {"set5": {"psnr": 30.0, "ssim": 0.9, "bicubic_psnr": 28.0, "bicubic_ssim": 0.8},
            "urban100": {"psnr": 25.5, "ssim": 0.75, "bicubic_psnr": 23.1, "bicubic_ssim": 0.66}}
-    table = evaluate.markdown_table(res, 4, "iet_x4")
+    table = benchmark.markdown_table(res, 4, "iet_x4")
     assert table.splitlines() == [
         "| method | scale | Set5 | Urban100 |", "|---|---|---|---|",
         "| bicubic | x4 | 28.00 / 0.8000 | 23.10 / 0.6600 |",
@@ -129,7 +130,7 @@ def test_cli_end_to_end(tiny_checkpoint, fake_datasets, tmp_path, capsys):
                                                                    "img2.png"]
     # The same numbers straight from evaluate_source (the CLI adds nothing to them).
     model = model_dir.load_model(tiny_checkpoint)
-    direct = evaluate.evaluate_source(model, make_source(2), 2, tile=12, overlap=4)
+    direct = benchmark.evaluate_source(model, make_source(2), 2, tile=12, overlap=4)
     assert direct["psnr"] == pytest.approx(set5["psnr"], abs=1e-9)
     # The demo data's validation split (the default split for non-benchmarks).
     fake_datasets.clear()
@@ -154,7 +155,7 @@ def test_cli_official_split(tiny_checkpoint, fake_datasets, tmp_path, capsys):
         out / "results.md").read_text()
     # A 16x20 LR image is below the threshold: the numbers of the whole-image protocol.
     model = model_dir.load_model(tiny_checkpoint)
-    whole = evaluate.evaluate_source(model, make_source(2, ((16, 20),)), 2, bicubic=False)
+    whole = benchmark.evaluate_source(model, make_source(2, ((16, 20),)), 2, bicubic=False)
     assert whole["psnr"] == demo["psnr"]
     assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",
                           "--official-split", "--tile", "12"]) == 2

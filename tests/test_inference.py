@@ -1,4 +1,4 @@
-"""Whole-image, tiled and self-ensembled inference (iet_jax.inference)."""
+"""Whole-image, tiled and self-ensembled inference (iet_jax.evaluation.inference)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +7,9 @@ import pytest
 import skimage.data
 from flax import nnx
 
-from iet_jax import inference
-from iet_jax.model import config
 from iet_jax.conventions import metrics
+from iet_jax.evaluation import inference
+from iet_jax.model import config
 from iet_jax.model.network import abstract_model, pixel_shuffle
 
 

@@ -5,7 +5,8 @@ import png
 import pytest
 from PIL import Image
 
-from iet_jax import inference, upscale
+from iet_jax import upscale
+from iet_jax.evaluation import inference, pictures
 from iet_jax.io import model_dir
 from test_inference import photo, pointwise_x3, random_model, tiny_config
 
@@ -45,11 +46,11 @@ def folder(tmp_path_factory):
 def test_read_write_roundtrip_keeps_bits_gray_alpha(folder, tmp_path):
     for name, gray, has_alpha, bits in [("gray.png", True, False, 8), ("rgba.png", False, True, 8),
                                         ("deep.png", False, False, 16), ("color.jpg", False, False, 8)]:
-        pic = upscale.read_picture(folder / name)
+        pic = pictures.read_picture(folder / name)
         assert (pic.gray, pic.alpha is not None, pic.bits) == (gray, has_alpha, bits), name
         assert pic.rgb.shape[-1] == 3 and pic.rgb.dtype == np.float32
-        upscale.write_picture(tmp_path / (name + ".png"), pic)
-        again = upscale.read_picture(tmp_path / (name + ".png"))
+        pictures.write_picture(tmp_path / (name + ".png"), pic)
+        again = pictures.read_picture(tmp_path / (name + ".png"))
         np.testing.assert_allclose(again.rgb, pic.rgb, atol=0.5 / (2 ** bits - 1) + 1e-7)
         assert (again.gray, again.bits) == (gray, bits)
 
@@ -59,15 +60,15 @@ def test_upscale_picture_gray_alpha_16bit_exactly():
     rng = np.random.default_rng(0)
     # 16-bit: computed from the 16-bit values, written back at 16 bits.
     deep = rng.integers(0, 65536, (6, 5, 3)).astype(np.float32) / 65535
-    out = upscale.upscale_picture(up, upscale.Picture(deep, bits=16))
+    out = pictures.upscale_picture(up, pictures.Picture(deep, bits=16))
     np.testing.assert_array_equal(out.rgb, up(deep))
     # Grayscale: replicated to RGB, written back as the channel mean.
     g = rng.random((6, 5, 1)).astype(np.float32)
-    out = upscale.upscale_picture(up, upscale.Picture(np.repeat(g, 3, -1), gray=True))
+    out = pictures.upscale_picture(up, pictures.Picture(np.repeat(g, 3, -1), gray=True))
     np.testing.assert_array_equal(out.rgb, up(np.repeat(g, 3, -1)))
     # Alpha: Pillow bicubic of the alpha plane.
     a = rng.random((6, 5)).astype(np.float32)
-    out = upscale.upscale_picture(up, upscale.Picture(deep, alpha=a))
+    out = pictures.upscale_picture(up, pictures.Picture(deep, alpha=a))
     ref = np.asarray(Image.fromarray(a).resize((15, 18), Image.BICUBIC))
     np.testing.assert_allclose(out.alpha, np.clip(ref, 0, 1), atol=1e-7)
 
@@ -77,9 +78,9 @@ def test_output_names():
 
     jobs = [(Path("a/x.png"), Path("x")), (Path("a/x.jpg"), Path("x")),
             (Path("a/s/y.webp"), Path("s/y"))]
-    assert upscale.output_paths(jobs, Path("o"), False) == [
+    assert pictures.output_paths(jobs, Path("o"), False) == [
         Path("o/x_png.png"), Path("o/x_jpg.png"), Path("o/s/y.png")]
-    assert upscale.output_paths(jobs, Path("o"), True) == [
+    assert pictures.output_paths(jobs, Path("o"), True) == [
         Path("o/x.png"), Path("o/x.jpg"), Path("o/s/y.webp")]
 
 
