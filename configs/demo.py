@@ -12,7 +12,8 @@ with other jobs): 500 steps in about 5 minutes, EMA validation PSNR 38.52 dB / S
 against bicubic 37.69 dB / 0.9172.
 """
 
-from iet_jax.model import config as config_lib
+from iet_jax.model.config import model_config
+from iet_jax.training.config import training_config
 
 SCALE = 2
 PATCH = 16
@@ -20,14 +21,14 @@ PATCH = 16
 
 def get_config(settings: str | None = None):
     del settings
-    model = config_lib.model_config(
+    model = model_config(
         embed_dim=24, nattn_dim=24, num_heads=3, depths=(1,) * 4, mlp_ratio=1.0,
         convffn_kernel_size=5, upsampler="pixelshuffledirect", scale=SCALE,
         local_range=5, sparse_range=7, dilation=1, img_size=PATCH,
         topk_focus=((36,), (24,), (24,), (16,)),
         topk_prop_1=(6, 4, 0, 0), topk_prop_2=(4, 3, 0, 0), topk_prop_3=(12, 8, 0, 0),
     )
-    config = config_lib.training_config(
+    config = training_config(
         model=model, dataset="demo", patch_size=PATCH, batch_size=4, learning_rate=2e-3,
         num_steps=500, milestones=(400,), warmup_steps=20, muon_lr_scale=6.0,
     )

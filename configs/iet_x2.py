@@ -2,7 +2,7 @@
 continues it): `configs/iet_x2.py` (official training settings) or `configs/iet_x2.py:eval`
 (the settings the released checkpoint was evaluated with)."""
 
-from iet_jax.model.config import recipe
+from iet_jax.training.config import recipe
 
 
 def get_config(settings: str | None = None):

@@ -3,7 +3,7 @@
 starting from workdirs/iet_x2) or `configs/iet_x2_finetune.py:eval` (the network the released
 x2 checkpoint was evaluated with)."""
 
-from iet_jax.model.config import recipe
+from iet_jax.training.config import recipe
 
 
 def get_config(settings: str | None = None):

@@ -1,7 +1,7 @@
 """IET (classical) x4: `configs/iet_x4.py` (official training settings) or `configs/iet_x4.py:eval`
 (the settings the released checkpoint was evaluated with)."""
 
-from iet_jax.model.config import recipe
+from iet_jax.training.config import recipe
 
 
 def get_config(settings: str | None = None):

@@ -22,21 +22,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iet_jax import benchmarking, optim, sharding, train
+from iet_jax import benchmarking
 from iet_jax.model import config as config_lib
 from iet_jax.model.network import abstract_model
-from iet_jax import train_state as ts
+from iet_jax.training import optim, sharding
+from iet_jax.training import state as ts
+from iet_jax.training.config import model_config_for_training, recipe
+from iet_jax.training.step import make_train_step
 
 
 def build_step(cfg, batch: int, patch: int):
     """(jitted step, initial state, batch arrays) for a training config."""
-    model_cfg = train.model_config_for_training(cfg)
+    model_cfg = model_config_for_training(cfg)
     graphdef, _ = nnx.split(abstract_model(model_cfg))
     tx, schedule = optim.make_optimizer(cfg.optim)
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
         def create():  # inside jit, so params and EMA get buffers of their own (donation)
-            params = train.init_params(model_cfg, 0)
+            params = ts.init_params(model_cfg, 0)
             return ts.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                                  opt_state=tx.init(params),
                                  rng=jax.random.key_data(jax.random.key(0)),
@@ -44,7 +47,7 @@ def build_step(cfg, batch: int, patch: int):
 
         shardings = sharding.state_shardings(jax.eval_shape(create), mesh, cfg.param_sharding)
         state = jax.jit(create, out_shardings=shardings)()
-        step = jax.jit(train.make_train_step(cfg, graphdef, tx, schedule,
+        step = jax.jit(make_train_step(cfg, graphdef, tx, schedule,
                                              jnp.dtype(model_cfg.dtype)),
                        in_shardings=(shardings, sharding.batch_sharding(mesh)),
                        out_shardings=(shardings, sharding.replicated(mesh)),
@@ -60,7 +63,7 @@ def build_step(cfg, batch: int, patch: int):
 def measure(name: str, patch: int, batch: int, dtype: str, remat: bool, impl: str,
             repeats: int, quick: bool) -> dict:
     variant, scale = name.rsplit("_x", 1)
-    cfg = config_lib.recipe(variant, int(scale))
+    cfg = recipe(variant, int(scale))
     if quick:  # a tiny network with the same structure, so CPUs finish in seconds
         cfg.model = config_lib.model_config(**{**cfg.model.to_dict(), **_QUICK_MODEL})
     cfg.batch_size, cfg.data.patch_size = batch, patch

@@ -12,9 +12,10 @@ import optax
 import pytest
 from flax import nnx
 
-from iet_jax.model import config as config_lib
-from iet_jax import optim
 from iet_jax.model import IET
+from iet_jax.model import config as config_lib
+from iet_jax.training import optim
+from iet_jax.training.config import recipe
 
 TABLE = {  # options/train/*.yml: (dataset, LR patch, global batch, lr, iterations, milestones,
     # warm-up, remat (use_checkpoint), starts from)
@@ -44,7 +45,7 @@ NETWORKS = {("iet", 2, "scratch"): (2, 58), ("iet", 2, "finetune"): (3, 82),
 
 @pytest.mark.parametrize("variant,scale,stage", sorted(TABLE))
 def test_recipe_fields(variant, scale, stage):
-    cfg = config_lib.recipe(variant, scale, stage=stage)
+    cfg = recipe(variant, scale, stage=stage)
     dataset, patch, batch, lr, steps, milestones, warmup, remat, start = TABLE[
         variant, scale, stage]
     assert (cfg.data.dataset, cfg.data.patch_size, cfg.batch_size) == (dataset, patch, batch)
@@ -67,7 +68,7 @@ def test_recipe_fields(variant, scale, stage):
     assert cfg.name == name
     from_file = _config_file(name).get_config()
     assert from_file.to_json() == cfg.to_json()
-    assert _config_file(name).get_config("eval").model == config_lib.recipe(
+    assert _config_file(name).get_config("eval").model == recipe(
         variant, scale, "eval", stage).model
 
 
@@ -81,18 +82,18 @@ def _config_file(name):
 
 
 def test_recipe_default_stage_and_refusal():
-    scratch = config_lib.recipe("iet", 2, stage="scratch")
-    assert config_lib.recipe("iet", 2).to_json() == scratch.to_json()
-    assert config_lib.recipe("iet", 4).name == "iet_x4"
-    eval_ft = config_lib.recipe("iet", 2, "eval", stage="finetune")
+    scratch = recipe("iet", 2, stage="scratch")
+    assert recipe("iet", 2).to_json() == scratch.to_json()
+    assert recipe("iet", 4).name == "iet_x4"
+    eval_ft = recipe("iet", 2, "eval", stage="finetune")
     assert eval_ft.model == config_lib.official("iet", 2, "eval", remat=True)
     with pytest.raises(ValueError,
                        match=r"no official recipe \('iet_light', 2, 'finetune'\); choose one of"):
-        config_lib.recipe("iet_light", 2, stage="finetune")
+        recipe("iet_light", 2, stage="finetune")
 
 
 def test_schedule_warmup_and_milestones():
-    cfg = config_lib.recipe("iet_light", 2).optim
+    cfg = recipe("iet_light", 2).optim
     schedule = optim.learning_rate_schedule(cfg.learning_rate, cfg.warmup_steps, cfg.milestones,
                                             cfg.gamma)
     base = 5e-4
@@ -193,7 +194,7 @@ def _rel(a, b):
 def _run_both(variant: str, steps: int = 3):
     """Our optimizer and the oracle from the same start on the same gradients: per-step
     relative errors of the Muon kernels' updates, and max relative error of the Adam ones."""
-    cfg = config_lib.recipe("iet", 2).optim
+    cfg = recipe("iet", 2).optim
     cfg.muon_variant = variant
     cfg.learning_rate, cfg.warmup_steps, cfg.milestones = 1e-2, 2, (2,)
     lrs = [cfg.learning_rate / 2, cfg.learning_rate, cfg.learning_rate / 2]  # BasicSR's rule
@@ -254,7 +255,7 @@ def test_the_oracle_check_sees_bfloat16_and_the_optax_variant():
 
 
 def test_muon_variant_is_validated():
-    cfg = config_lib.recipe("iet", 2).optim
+    cfg = recipe("iet", 2).optim
     cfg.muon_variant = "keller"
     with pytest.raises(ValueError, match=r"optim\.muon_variant must be one of "
                                          r"\('official', 'optax'\), got 'keller'"):
@@ -262,7 +263,7 @@ def test_muon_variant_is_validated():
 
 
 def test_no_muon_is_plain_adamw():
-    cfg = config_lib.recipe("iet", 2).optim
+    cfg = recipe("iet", 2).optim
     cfg.muon = False
     cfg.grad_clip_norm = 1.0
     tx, _ = optim.make_optimizer(cfg)

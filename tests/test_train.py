@@ -15,12 +15,16 @@ import numpy as np
 import pytest
 
 from iet_jax import train
+from iet_jax.conventions.imresize import imresize
 from iet_jax.io import model_dir, official, stored
 from iet_jax.io import workdir as workdir_lib
 from iet_jax.model import config as config_lib
 from iet_jax.model.network import abstract_model
-from iet_jax.conventions.imresize import imresize
-from iet_jax.sharding import ConfigError
+from iet_jax.training.config import (ConfigError, model_config_for_training, recipe,
+                                     training_config, validate_config)
+from iet_jax.training.init import load_init_params
+from iet_jax.training.loop import NonFiniteError, train_and_evaluate
+from iet_jax.training.state import apply_model, init_params
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -34,7 +38,7 @@ def tiny_config(*, scale: int = 2, patch: int = 8, batch: int = 4, steps: int = 
         sparse_range=5, dilation=1, img_size=patch, topk_focus=((34,), (12,)),
         topk_prop_1=(4, 0), topk_prop_2=(2, 0), topk_prop_3=(6, 0), dtype=dtype,
         param_dtype=dtype)
-    cfg = config_lib.training_config(
+    cfg = training_config(
         model=model, dataset="synthetic", patch_size=patch, batch_size=batch,
         learning_rate=2e-3, num_steps=steps, milestones=(steps - 1,), warmup_steps=2,
         muon_lr_scale=6.0)
@@ -78,7 +82,7 @@ def test_tiny_run(tmp_path, monkeypatch):
     workdir = tmp_path / "train"
     cfg = tiny_config(steps=8)
     cfg.eval_every = 8
-    summary = train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0),
+    summary = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0),
                                        val_source=synthetic_source(2, 1))
 
     # the loss falls on data; validation ran; metrics.jsonl has every step
@@ -116,7 +120,7 @@ def test_tiny_run(tmp_path, monkeypatch):
     assert loader["step"] == 8  # the input position: the next batch is batch 8
 
     # rerunning a finished run trains nothing
-    again = train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
+    again = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     assert again["start_step"] == 8 and again["history"] == [] and again["step"] == 8
 
     # non-finite loss at step 10: stop naming the step, keep the last good checkpoint
@@ -132,11 +136,11 @@ def test_tiny_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loader_lib, "PairedPatchLoader", Poisoned)
     cfg.num_steps, cfg.eval_every = 11, 0
-    with pytest.raises(train.NonFiniteError, match="at step 10 "):
-        train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
+    with pytest.raises(NonFiniteError, match="at step 10 "):
+        train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     assert workdir_lib.workdir_steps(workdir)[-1] == 9
     cfg.nonfinite = "skip"
-    skipped = train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
+    skipped = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     assert skipped["start_step"] == 9 and skipped["step"] == 11 and skipped["skipped"] == 1
     params = read_item(workdir, 11, "params")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -176,8 +180,8 @@ def test_init_from_official_pth_params_and_params_ema(tmp_path):
     model_cfg = official.from_options_file(OFFICIAL_TINY / "tiny_x2.yml")
     path = OFFICIAL_TINY / "tiny_x2.pth"  # written by torch; the two sets differ
     weights = pth.load_pth(path)
-    start = jax.device_get(train.init_params(model_cfg, 0))
-    params, ema, fresh, description = train.load_init_params(str(path), start, model_cfg)
+    start = jax.device_get(init_params(model_cfg, 0))
+    params, ema, fresh, description = load_init_params(str(path), start, model_cfg)
     _assert_tree_equal(params, _ours(model_cfg, weights["params"]))
     _assert_tree_equal(ema, _ours(model_cfg, weights["params_ema"]))
     assert fresh == [] and description == "parameters from 'params', EMA from 'params_ema'"
@@ -189,38 +193,38 @@ def test_init_from_one_set_starts_both(tmp_path):
     start parameters and EMA from the same weights; other upsamplers stay fresh."""
     from pth_writer import save_pth
 
-    model_cfg = train.model_config_for_training(tiny_config())
+    model_cfg = model_config_for_training(tiny_config())
     sd = _random_official(model_cfg, 0)
     want = _ours(model_cfg, sd)
-    start = jax.device_get(train.init_params(model_cfg, 0))
+    start = jax.device_get(init_params(model_cfg, 0))
     for name, obj, key in [("params", {"params": sd}, "params"),
                            ("ema", {"params_ema": sd}, "params_ema"),
                            ("bare", {f"module.{k}": v for k, v in sd.items()}, "the state dict")]:
         path = save_pth(tmp_path / f"{name}.pth", obj)
-        params, ema, fresh, description = train.load_init_params(str(path), start, model_cfg)
+        params, ema, fresh, description = load_init_params(str(path), start, model_cfg)
         _assert_tree_equal(params, want)
         _assert_tree_equal(ema, want)
         assert description == f"parameters from {key!r}, EMA from {key!r}"
     directory = tmp_path / "model"
     model_dir.save_model(directory, official.load_state_dict(
         abstract_model(model_cfg), sd))
-    params, ema, _, _ = train.load_init_params(str(directory), start, model_cfg)
+    params, ema, _, _ = load_init_params(str(directory), start, model_cfg)
     _assert_tree_equal(params, want)
     _assert_tree_equal(ema, want)
     # a x4 model from these x2 weights: all but the upsampler's shapes agree
-    x4_cfg = train.model_config_for_training(tiny_config(scale=4))
-    x4 = jax.device_get(train.init_params(x4_cfg, 0))
-    params, ema, fresh, _ = train.load_init_params(str(tmp_path / "params.pth"), x4, x4_cfg)
+    x4_cfg = model_config_for_training(tiny_config(scale=4))
+    x4 = jax.device_get(init_params(x4_cfg, 0))
+    params, ema, fresh, _ = load_init_params(str(tmp_path / "params.pth"), x4, x4_cfg)
     assert fresh == ["upsample/stages/0/bias", "upsample/stages/0/kernel"]
     _assert_tree_equal(params["upsample"], x4["upsample"])
     _assert_tree_equal(params["blocks"], want["blocks"])
     # another architecture is refused by name
     with pytest.raises(ConfigError, match=r"init_from: .*tiny_x2\.pth holds keys this model "
                                           r"does not have .*layers\.0\.residual_group\.layers\.1"):
-        train.load_init_params(str(OFFICIAL_TINY / "tiny_x2.pth"), start, model_cfg)
+        load_init_params(str(OFFICIAL_TINY / "tiny_x2.pth"), start, model_cfg)
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     with pytest.raises(ConfigError, match=r"init_from: .*junk\.pth: not a readable PyTorch"):
-        train.load_init_params(str(tmp_path / "junk.pth"), start, model_cfg)
+        load_init_params(str(tmp_path / "junk.pth"), start, model_cfg)
 
 
 def test_init_from_in_a_run_and_from_a_workdir(tmp_path):
@@ -230,20 +234,20 @@ def test_init_from_in_a_run_and_from_a_workdir(tmp_path):
     from pth_writer import save_pth
 
     cfg = tiny_config(steps=1)
-    model_cfg = train.model_config_for_training(cfg)
+    model_cfg = model_config_for_training(cfg)
     sd_params, sd_ema = _random_official(model_cfg, 1), _random_official(model_cfg, 2)
     cfg.init_from = str(save_pth(tmp_path / "both.pth", {"params": sd_params,
                                                          "params_ema": sd_ema}))
     workdir = tmp_path / "run"
-    train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(4, 0))
+    train_and_evaluate(cfg, workdir, train_source=synthetic_source(4, 0))
     params1, ema1 = read_item(workdir, 1, "params"), read_item(workdir, 1, "ema")
     start, start_ema = _ours(model_cfg, sd_params), _ours(model_cfg, sd_ema)
     d = np.float32(cfg.ema_decay)
     for p1, e1, p0, e0 in zip(*map(jax.tree.leaves, (params1, ema1, start, start_ema))):
         assert np.abs(p1 - p0).max() < 0.05  # one small update from `params`
         np.testing.assert_allclose(e1, d * e0 + (1 - d) * p1, rtol=1e-6, atol=1e-7)
-    init = jax.device_get(train.init_params(model_cfg, 0))
-    params, ema, fresh, description = train.load_init_params(str(workdir), init, model_cfg)
+    init = jax.device_get(init_params(model_cfg, 0))
+    params, ema, fresh, description = load_init_params(str(workdir), init, model_cfg)
     _assert_tree_equal(params, params1)
     _assert_tree_equal(ema, ema1)
     assert description == "parameters and EMA of its step 1"
@@ -254,7 +258,7 @@ def test_init_from_in_a_run_and_from_a_workdir(tmp_path):
 
 def _refused(cfg, match, tmp_path, **kw):
     with pytest.raises(ConfigError, match=match):
-        train.train_and_evaluate(cfg, tmp_path / "wd", **kw)
+        train_and_evaluate(cfg, tmp_path / "wd", **kw)
     assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
@@ -263,17 +267,17 @@ def test_patch_smaller_than_window_is_refused(tmp_path):
     cfg.data.patch_size = 4  # sparse_range 5 x dilation 1 = 5 tokens needed
     _refused(cfg, r"data\.patch_size 4 .*sparse_range x model\.dilation", tmp_path,
              train_source=synthetic_source(2, 0))
-    official = config_lib.recipe("iet_light", 2)
+    official = recipe("iet_light", 2)
     official.data.patch_size = 64
     with pytest.raises(ConfigError, match=r"data\.patch_size 64 .*= 75 tokens"):
-        train.validate_config(official)
+        validate_config(official)
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):
     cfg = tiny_config(batch=4)
     cfg.optim.grad_accum_steps = 3
     with pytest.raises(ConfigError, match=r"batch_size 4 .*optim\.grad_accum_steps 3"):
-        train.validate_config(cfg)
+        validate_config(cfg)
     cfg = tiny_config(batch=3)
     cfg.mesh.data = 2  # needs 2 devices: refused by the mesh before anything else
     _refused(cfg, r"mesh\.data x mesh\.fsdp = 2 x 1", tmp_path,
@@ -285,13 +289,13 @@ def test_init_from_other_architecture_is_refused(tmp_path):
     other.mkdir()
     light = config_lib.official("iet_light", 2, "train")
     (other / "config.json").write_text(stored.config_to_json(light))
-    cfg = config_lib.recipe("iet", 3)
+    cfg = recipe("iet", 3)
     cfg.init_from = str(other)
     with pytest.raises(ConfigError, match=r"(?s)init_from: .*another architecture.*model\.embed_dim"):
-        train.validate_config(cfg)
+        validate_config(cfg)
     cfg.init_from = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match=r"(?s)init_from: .*missing.*init_from=''"):
-        train.validate_config(cfg)
+        validate_config(cfg)
 
 
 def test_missing_dataset_is_refused_with_build_command(tmp_path):
@@ -310,16 +314,16 @@ def test_other_fields_are_named(tmp_path):
         cfg = tiny_config()
         cfg[field] = value
         with pytest.raises(ConfigError, match=match):
-            train.validate_config(cfg)
+            validate_config(cfg)
     cfg = tiny_config()
     cfg.data.scale = 3
     with pytest.raises(ConfigError, match=r"data\.scale \(3\) must equal model\.scale \(2\)"):
-        train.validate_config(cfg)
+        validate_config(cfg)
     cfg = tiny_config()
     cfg.optim.muon_variant = "keller"
     with pytest.raises(ConfigError, match=r"optim\.muon_variant must be one of \('official', "
                                           r"'optax'\), got 'keller'"):
-        train.validate_config(cfg)
+        validate_config(cfg)
 
 
 def test_command_line_overrides_and_refusal(tmp_path, capsys):
@@ -332,23 +336,23 @@ def test_command_line_overrides_and_refusal(tmp_path, capsys):
 
 def test_official_recipes_validate():
     for variant, scale, stage in (("iet", 4, None), ("iet", 2, "finetune"), ("iet_light", 3, None)):
-        cfg = config_lib.recipe(variant, scale, stage=stage)  # (tracing IET takes a while)
+        cfg = recipe(variant, scale, stage=stage)  # (tracing IET takes a while)
         cfg.init_from = ""
-        train.validate_config(cfg)
+        validate_config(cfg)
 
 
 def test_bfloat16_keeps_float32_state_and_remat_rematerialises():
     cfg = tiny_config()
     cfg.model.dtype = "bfloat16"
     cfg.model.remat = True
-    model_cfg = train.validate_config(cfg)
+    model_cfg = validate_config(cfg)
     assert (model_cfg.dtype, model_cfg.param_dtype) == ("bfloat16", "float32")
-    params = jax.eval_shape(lambda: train.init_params(model_cfg, 0))
+    params = jax.eval_shape(lambda: init_params(model_cfg, 0))
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
     from flax import nnx
     graphdef, _ = nnx.split(abstract_model(model_cfg))
     x = jax.ShapeDtypeStruct((2, 8, 8, 3), np.float32)
-    loss = lambda p, x: train.apply_model(graphdef, p, x, train=True).astype(np.float32).mean()
+    loss = lambda p, x: apply_model(graphdef, p, x, train=True).astype(np.float32).mean()
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, x))
     assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= 2  # one per block
     assert "bf16" in jaxpr

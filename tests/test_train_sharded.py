@@ -92,21 +92,21 @@ def _mesh(tmp: Path, out: Path):
     jax = _setup_jax(x64=True)
     sys.path.insert(0, str(HERE))
     from test_train import synthetic_source, tiny_config
-    from iet_jax import train
-    from iet_jax.sharding import ConfigError
+    from iet_jax.training.config import ConfigError
+    from iet_jax.training.loop import train_and_evaluate
 
     source = synthetic_source(8, 0)
     results = {}
     one = tiny_config(batch=16, steps=3, dtype="float64")
     one.checkpoint_every = 3
-    s1 = train.train_and_evaluate(one, tmp / "one", train_source=source,
+    s1 = train_and_evaluate(one, tmp / "one", train_source=source,
                                   devices=jax.devices()[:1])
     mesh = tiny_config(batch=16, steps=3, dtype="float64")
     mesh.checkpoint_every = 3
     mesh.mesh.data, mesh.mesh.fsdp = 4, 2
     mesh.param_sharding = "fsdp"
     mesh.optim.grad_accum_steps = 2
-    s8 = train.train_and_evaluate(mesh, tmp / "mesh", train_source=source)
+    s8 = train_and_evaluate(mesh, tmp / "mesh", train_source=source)
     sharded = [x for x in jax.tree.leaves(s8["state"].params)
                if "fsdp" in str(x.sharding.spec)]
 
@@ -118,7 +118,7 @@ def _mesh(tmp: Path, out: Path):
     bad = tiny_config(batch=12, steps=1)
     bad.mesh.data, bad.mesh.fsdp = 4, 2
     try:
-        train.train_and_evaluate(bad, tmp / "bad", train_source=source)
+        train_and_evaluate(bad, tmp / "bad", train_source=source)
         refusal = ""
     except ConfigError as e:
         refusal = str(e)
@@ -135,8 +135,8 @@ def _resume(workdir: Path, kill_at: int):
     _setup_jax()
     sys.path.insert(0, str(HERE))
     from test_train import synthetic_source, tiny_config
-    from iet_jax import train
     from iet_jax.io import workdir as workdir_lib
+    from iet_jax.training.loop import train_and_evaluate
 
     if kill_at:
         save = workdir_lib.Checkpoints.save
@@ -148,7 +148,7 @@ def _resume(workdir: Path, kill_at: int):
 
         workdir_lib.Checkpoints.save = save_then_die
     cfg = tiny_config(steps=6)
-    summary = train.train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
+    summary = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     (workdir / "summary.json").write_text(json.dumps(
         {"start_step": summary["start_step"], "history": summary["history"]}))
 

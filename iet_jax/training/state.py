@@ -1,7 +1,8 @@
 """The train state: everything a train step reads and writes, and its EMA update.
 
-`to_items` / `from_items` turn it into the orbax items a training workdir stores
-(`iet_jax.io.workdir.Checkpoints`) and back.
+Parameters travel as nested dicts with string keys (the form orbax stores): `init_params`
+makes them, `apply_model` runs the network on them. `to_items` / `from_items` turn the state
+into the orbax items a training workdir stores (`iet_jax.io.workdir.Checkpoints`) and back.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from typing import Any
 
 import flax.struct
 import jax
+from flax import nnx
+
+from iet_jax.io import stored
+from iet_jax.model.network import IET
 
 
 @flax.struct.dataclass
@@ -54,3 +59,13 @@ def ema_update(ema, params, decay: float):
     """ema <- decay * ema + (1 - decay) * params (BasicSR's `model_ema`)."""
     return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype),
                         ema, params)
+
+
+def init_params(model_cfg, seed: int):
+    """Freshly initialised parameters as a nested dict with string keys."""
+    model = IET(model_cfg, rngs=nnx.Rngs(seed))
+    return stored.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def apply_model(graphdef, params, x, *, train: bool):
+    return nnx.merge(graphdef, stored.with_int_keys(params))(x, train=train)

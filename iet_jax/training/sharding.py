@@ -18,16 +18,13 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from iet_jax.kernels.gather import BATCH_AXES
+from iet_jax.training.config import ConfigError
 
 AXES = ("data", "fsdp")
 FSDP_MIN_SIZE = 2 ** 10  # arrays with fewer elements stay replicated
 
 _CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                 "PMI_SIZE", "TPU_WORKER_HOSTNAMES")
-
-
-class ConfigError(ValueError):
-    """A configuration the training loop refuses; the message names the field."""
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> bool:

@@ -1,0 +1,70 @@
+"""What a run reports: `metrics.jsonl` in the workdir, TensorBoard events (tensorboardX, if
+installed) and a tqdm progress bar, on the lead process only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from iet_jax.io.workdir import METRICS_FILE
+
+
+class Logger:
+    """metrics.jsonl, TensorBoard (tensorboardX, if installed) and the progress bar."""
+
+    def __init__(self, workdir: Path, start_step: int, total: int, enabled: bool):
+        self.enabled = enabled
+        self.path = workdir / METRICS_FILE
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        if self.path.exists():  # a resumed run rewrites what came after its checkpoint
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:
+            print("tensorboardX is not installed: no TensorBoard logs (metrics.jsonl is "
+                  "written); pip install tensorboardX", file=sys.stderr)
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True,
+                        smoothing=0.1)
+
+    def scalars(self, step: int, values: dict, *, prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **{f"{prefix}/{k}": v
+                                                         for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def images(self, step: int, triplets) -> None:
+        if self.enabled and self.writer is not None:
+            for name, img in triplets:
+                self.writer.add_image(f"val/{name} (bicubic | SR | HR)", img, step,
+                                      dataformats="HWC")
+
+    def progress(self, n: int, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                                  for k, v in postfix.items()}, refresh=False)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
