@@ -37,9 +37,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from iet_jax import benchmarking  # noqa: E402
 from iet_jax.kernels import gather  # noqa: E402
 from iet_jax.model import attention  # noqa: E402
+
+import benchmarking  # noqa: E402  (scripts/benchmarking.py, a sibling of this script)
 
 ALL_KS = (914, 345, 225, 185, 125, 121, 81, 64, 36, 24)
 HEADS = {"iet": (6, 40, 40), "iet_light": (3, 20, 18)}  # heads, d at K = 914, d elsewhere

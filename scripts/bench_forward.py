@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from iet_jax import benchmarking
 from iet_jax.model import IET, config
+
+import benchmarking  # scripts/benchmarking.py, a sibling of this script
 
 
 def measure(name: str, settings: str, size: int, batch: int, dtype: str, repeats: int) -> dict:

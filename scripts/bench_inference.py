@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from iet_jax import benchmarking
 from iet_jax.evaluation.inference import DEFAULT_OVERLAP, Upscaler
 from iet_jax.model import IET
 from iet_jax.model import config as config_lib
+
+import benchmarking  # scripts/benchmarking.py, a sibling of this script
 
 
 def measure(name: str, width: int, height: int, dtype: str, tile: int | None, overlap: int,

@@ -22,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from iet_jax import benchmarking
 from iet_jax.model import config as config_lib
 from iet_jax.model.network import abstract_model
 from iet_jax.training import optim, sharding
 from iet_jax.training import state as ts
 from iet_jax.training.config import model_config_for_training, recipe
 from iet_jax.training.step import make_train_step
+
+import benchmarking  # scripts/benchmarking.py, a sibling of this script
 
 
 def build_step(cfg, batch: int, patch: int):
