@@ -150,7 +150,8 @@ def test_tiny_model_training_step_pallas_matches_xla(monkeypatch):
             return primitive(*args)
         return run
 
-    monkeypatch.setitem(gather.PRIMITIVES, "pallas", tuple(map(counted, gather.PRIMITIVES["pallas"])))
+    monkeypatch.setitem(gather.PRIMITIVES, "pallas",
+                        tuple(map(counted, gather.PRIMITIVES["pallas"])))
     with jax.enable_x64(True):
         model = IET(tiny_light_config(), rngs=nnx.Rngs(0))
         pallas_model = nnx.clone(model)  # same weights; only the layers' gather_impl differs

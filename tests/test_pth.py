@@ -1,4 +1,4 @@
-"""Tests for iet_jax.pth: torch-free checkpoint loading and BasicSR state-dict selection.
+"""Tests for iet_jax.io.pth: torch-free checkpoint loading and BasicSR state-dict selection.
 
 tests/fixtures/pth/<name>.pth were written once by torch 2.13 (`torch.save`); <name>.npz holds
 torch's own `.numpy()` of every tensor in it (bfloat16 via `.float()`), keyed 'outer/inner'.
