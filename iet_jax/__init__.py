@@ -1,1 +1,33 @@
-"""iet-jax: the Individualized Exploratory Transformer (IET) for super-resolution in JAX."""
+"""iet-jax: the Individualized Exploratory Transformer (IET) for super-resolution in JAX.
+
+The package is a house of rooms, one concern each, behind six front doors:
+
+    front doors   train.py, evaluate.py, upscale.py, convert.py and flops.py
+                  (python -m iet_jax.<name>), and datasets/build.py (python -m
+                  iet_jax.datasets.build): argument parsing, calling the rooms, printing
+    training/     config checks and recipes, train state, optimiser, sharding, init_from, the
+                  train step, validation, logging, the loop
+    evaluation/   inference (whole, tiled, split test, self-ensemble), benchmark tables,
+                  picture files
+    io/           safe .pth reading, the official key map and option files, model directories,
+                  the training workdir
+    datasets/     catalog of names and paths, sources, folder layouts, TFDS builders, images,
+                  the training-patch loader
+    model/        the model config, the network, the attention, the FLOPs count
+    kernels/      the gather dispatch with its custom_vjp, the XLA reference, the Pallas kernels
+    conventions/  MATLAB bicubic and the field's PSNR/SSIM
+
+Imports point one way (checked by tests/test_imports.py, which reads every module's imports):
+
+    front doors -> any room; nothing imports a front door
+    training    -> model, kernels, datasets, io, conventions
+    evaluation  -> model, io, conventions, datasets.catalog, datasets.images
+    io          -> model
+    model       -> kernels
+    datasets    -> conventions
+    kernels, conventions -> nothing else in iet_jax
+
+Modules of one room may import each other; there are no import cycles between modules; and
+iet_jax is imported at the top of a module, never inside a function (a function may defer a
+heavy third-party import).
+"""
