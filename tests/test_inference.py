@@ -346,3 +346,92 @@ def test_tiny_iet_split_is_the_stitched_patches():
     got = inference.Upscaler(model, split=20)(x)
     np.testing.assert_array_equal(got, split_oracle(whole, x, 20, 2))
     assert not np.allclose(got, whole(x), atol=1e-3)  # the split changes the output
+
+
+# ---------------------------------------------------------------- tiles clamped to the image
+def test_tile_is_clamped_to_the_image():
+    """A tile larger than the image is not padded: where it covers the image, the result is
+    the whole-image one (the model pads a short side itself, as for the whole image)."""
+    model = random_model(tiny_config())  # min_size 10
+    whole = inference.Upscaler(model)
+    for size, tile in [((14, 17), 24), ((14, 17), 17), ((8, 9), 12)]:
+        x = photo(*size)
+        np.testing.assert_array_equal(inference.Upscaler(model, tile=tile, overlap=4)(x),
+                                      whole(x), err_msg=f"{size} tile {tile}")
+    # One side shorter than the tile: that side is whole in every tile, nothing padded.
+    spy, seen = shapes_seen(neighbourly)
+    up = inference.Upscaler(spy, tile=24, overlap=4, tile_batch=2)
+    assert up.tile_for(14, 40) == (14, 24) and up.tile_for(40, 5) == (24, 5)
+    assert up.tile_for(24, 24) is None and up.tile_for(10, 20) is None
+    x = np.random.default_rng(9).random((14, 40, 3)).astype(np.float32)
+    assert up(x).shape == (28, 80, 3)
+    assert seen == [(14, 24)]
+    # ... and each tile of that row is cut from the image as it is: the stand-in's output
+    # for the last tile (columns 16..40) is the blended result's last 8 columns.
+    last = np.asarray(neighbourly(x[None, :, 16:40]))[0]
+    np.testing.assert_allclose(up(x)[:, -8 * 2:], last[:, -8 * 2:], rtol=0, atol=1e-6)
+
+
+def test_auto_tile_above():
+    spy, seen = shapes_seen(pointwise_x3)
+    up = inference.Upscaler(spy, auto_tile_above=400, overlap=2, tile_batch=4)
+    assert up.auto_tile == 10 and up.protocol == "whole"  # isqrt(400 / 4)
+    small, large = (np.random.default_rng(10).random(s + (3,)).astype(np.float32)
+                    for s in [(20, 20), (20, 21)])
+    up(small)
+    assert seen == [(20, 20)]  # 400 pixels: whole
+    got = up(large)
+    assert seen == [(20, 20), (10, 10)]  # 420 > 400: tiles of 10, a batch of 4 per call
+    np.testing.assert_allclose(got, inference.Upscaler(pointwise_x3, tile=10, overlap=2)(large),
+                               rtol=0, atol=0)
+    # The automatic tile is never below what the model accepts.
+    model = abstract_model(tiny_config())  # min_size 10
+    assert inference.Upscaler(model, auto_tile_above=64).auto_tile == 17  # > overlap 16
+    assert inference.Upscaler(model, auto_tile_above=64, overlap=3).auto_tile == 10
+    assert inference.Upscaler(model, auto_tile_above=0).auto_tile is None  # 0: never
+    assert inference.DEFAULT_AUTO_TILE_ABOVE == 192 * 192
+    assert inference.auto_tile_size(model, inference.DEFAULT_AUTO_TILE_ABOVE, 16, 4) == 96
+
+
+def _advised(message: str) -> list[dict]:
+    """The settings an error message advises, each as Upscaler keyword arguments."""
+    import re
+
+    out = []
+    for option in re.split(r", or ", message.split("; use ", 1)[1]):
+        kwargs = {}
+        for flag, value in re.findall(r"--(tile-overlap|tile-batch|tile) (\d+)", option):
+            kwargs[{"tile": "tile", "tile-overlap": "overlap", "tile-batch": "tile_batch"}[flag]] = \
+                int(value)
+        assert kwargs, message
+        out.append(kwargs)
+    return out
+
+
+def test_every_tile_advice_is_accepted():
+    model = abstract_model(tiny_config())  # min_size 10; nothing compiled
+    for tile, overlap, batch in [(8, 16, 4), (7, 4, 1), (12, 12, 4), (12, 30, 4), (12, -1, 4),
+                                 (5, -3, 4), (0, 16, 4), (20, 4, 0), (10, 10, 2)]:
+        settings = dict(tile=tile, overlap=overlap, tile_batch=batch)
+        with pytest.raises(ValueError) as refused:
+            inference.Upscaler(model, **settings)
+        for advice in _advised(str(refused.value)):
+            inference.Upscaler(model, **{**settings, **advice})  # accepted
+    # The demo model's case (min 7, default overlap 16): the advice is a tile above 16.
+    with pytest.raises(ValueError, match="use --tile 17 or more"):
+        inference.Upscaler(model, tile=7)
+    # What to change when a model call runs out of memory is accepted too.
+    for settings in [{}, dict(tile=40, tile_batch=4), dict(tile=40, tile_batch=1),
+                     dict(tile=17, tile_batch=1), dict(split=384),
+                     dict(tile=11, overlap=10, tile_batch=1)]:
+        up = inference.Upscaler(model, **settings)
+        advice = inference.memory_advice(up)
+        if "smallest tile does not fit" in advice:
+            continue
+        assert "--tile" in advice, advice
+        new = {**settings, **_advised("; use " + advice.split("use ", 1)[1])[0]}
+        new.pop("split", None)
+        inference.Upscaler(model, **new)
+    assert inference.is_out_of_memory(MemoryError())
+    assert inference.is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
+    assert not inference.is_out_of_memory(ValueError("no"))

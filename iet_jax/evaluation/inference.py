@@ -7,15 +7,22 @@ upscaled NHWC images) and compiles its forward pass once per input shape:
 - **Whole image** (`tile=None`): the image goes through the model as it is. The model itself
   mirror-pads inputs shorter than `model.min_size()` and crops the output back. Each new image
   size compiles anew.
-- **Tiled** (`tile=T`): the image is covered by T x T tiles that overlap by at least
-  `overlap` pixels; the tiles are evenly spaced, so the last one ends at the border and no
-  padding is needed unless a side is shorter than T (then that side is mirror-padded to T
-  and the output cropped back). Tiles go through the model `tile_batch` at a time (the last
-  batch is filled up with copies), so the compiled function only ever sees
-  (tile_batch, T, T, 3): any image size runs without compiling again, and device memory is
-  bounded by the tile batch. The tile outputs are blended with separable weights that ramp
-  smoothly (smoothstep) across each overlap, and sum to one there, so seams vanish; the image
-  borders get full weight.
+- **Tiled** (`tile=T`): the image is covered by tiles of T x T LR pixels that overlap by at
+  least `overlap` pixels; the tiles are evenly spaced, so the last one ends at the border and
+  nothing is padded. The tile is clamped to the image, per side: along a side shorter than T
+  the tile is the whole side (and the model pads it, if it is shorter than `model.min_size()`,
+  exactly as it pads the whole image), and an image that fits in one tile goes through whole,
+  so where the tile covers the image the result is the whole-image one. Tiles go through the
+  model `tile_batch` at a time (the last batch is filled up with copies), so the compiled
+  function sees (tile_batch, T, T, 3) for every image at least T x T: any such size runs
+  without compiling again, and device memory is bounded by the tile batch. The tile outputs
+  are blended with separable weights that ramp smoothly (smoothstep) across each overlap, and
+  sum to one there, so seams vanish; the image borders get full weight.
+- **Tiled above a size** (`auto_tile_above=P`, with `tile=None`): images of at most P LR
+  pixels (height x width) go through whole, larger ones in tiles of `auto_tile` =
+  isqrt(P / tile_batch) pixels a side (at least `model.min_size()` and more than `overlap`),
+  so that no model call gets much more than P LR pixels. `python -m iet_jax.upscale` does this
+  by default (`DEFAULT_AUTO_TILE_ABOVE`); the library and `python -m iet_jax.evaluate` do not.
 - **Official split test** (`split=OFFICIAL_SPLIT`, 384): the protocol of the official
   `IETModel.test`, which produced the paper's numbers. An LR image with fewer than 384 x 384
   pixels (height x width, whatever its shape) goes through the model whole. A larger one is cut
@@ -38,7 +45,9 @@ arrays of the same rank, not clipped. Tiled mode works on the host (NumPy) apart
 model call, so the output image itself never needs to fit on the device.
 
 A tile smaller than the model's attention needs (`model.min_size()`, sparse_range x dilation
-tokens) is refused: the model would mirror-pad it up to that size anyway.
+tokens) is refused: the model would mirror-pad it up to that size anyway. Every refusal names
+a setting that is accepted (`check_tile`), and `memory_advice` says what to change when a
+model call runs out of memory.
 """
 
 from __future__ import annotations
@@ -54,6 +63,13 @@ from flax import nnx
 
 DEFAULT_OVERLAP = 16
 DEFAULT_TILE_BATCH = 4
+# LR pixels above which `python -m iet_jax.upscale` tiles an image when no --tile is given:
+# 192 x 192, i.e. tiles of 96 with the default tile batch of 4. Measured on CPU only (XLA's
+# memory analysis of the compiled forward pass; a GPU is still to be measured): the demo model
+# (configs/demo.py) needs 5.2 KB per LR pixel (a 1024 x 1024 image: 7 GB of process memory),
+# IET-light x4 (eval settings) 102 KB and IET x4 (eval) 288 KB; at 36864 pixels per call that
+# is 0.2, 3.8 and 10.6 GB.
+DEFAULT_AUTO_TILE_ABOVE = 192 * 192
 # The patch size of the official split test (IETModel.test): also its size threshold.
 OFFICIAL_SPLIT = 384
 
@@ -124,16 +140,57 @@ def model_min_size(model) -> int:
 
 
 def check_tile(model, tile: int, overlap: int) -> None:
+    """Refuse a tile / overlap pair the model cannot run, naming a pair it can run."""
     need = model_min_size(model)
+    if tile >= need and 0 <= overlap < tile:
+        return
+    problems = []
     if tile < need:
         config = getattr(model, "config", None)
         why = (f" (sparse_range {config.sparse_range} x dilation {config.dilation} tokens)"
                if config is not None and hasattr(config, "sparse_range") else "")
-        raise ValueError(
-            f"tile {tile} is smaller than this model's attention needs: the minimum tile is "
-            f"{need} LR pixels{why}; use --tile {need} or more")
-    if not 0 <= overlap < tile:
-        raise ValueError(f"tile overlap must be in [0, tile) = [0, {tile}), got {overlap}")
+        problems.append(f"tile {tile} is smaller than this model's attention needs: the "
+                        f"minimum tile is {need} LR pixels{why}")
+    if overlap < 0:
+        problems.append(f"the tile overlap must be 0 or more LR pixels, got {overlap}")
+    elif overlap >= tile:
+        problems.append(f"the tile overlap ({overlap}) must be smaller than the tile ({tile})")
+    # One setting that is accepted: every advice, followed, passes this check.
+    good_overlap = max(overlap, 0)
+    good_tile = max(tile, need, good_overlap + 1)
+    fixes = ([f"--tile {good_tile} or more"] if good_tile != tile else []) + (
+        [f"--tile-overlap {good_overlap}"] if good_overlap != overlap else [])
+    other = f", or --tile-overlap {tile - 1}" if tile >= need and overlap >= 0 else ""
+    raise ValueError("; ".join(problems) + "; use " + " with ".join(fixes) + other)
+
+
+def auto_tile_size(model, threshold: int, overlap: int, tile_batch: int) -> int:
+    """The tile side for images above `threshold` LR pixels: a batch of `tile_batch` tiles
+    holds about `threshold` pixels; never below the model's minimum or at most the overlap."""
+    return max(math.isqrt(max(threshold // tile_batch, 1)), model_min_size(model), overlap + 1)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A host allocation that failed, or XLA's RESOURCE_EXHAUSTED (device memory)."""
+    return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error)
+
+
+def memory_advice(upscaler: "Upscaler") -> str:
+    """What to change when a model call of `upscaler` ran out of memory (accepted settings)."""
+    model, overlap, batch = upscaler.model, upscaler.overlap, upscaler.tile_batch
+    tile = upscaler.tile
+    if tile is None:
+        tile = auto_tile_size(model, DEFAULT_AUTO_TILE_ABOVE, overlap, batch)
+        instead = " instead of --official-split (another protocol)" if upscaler.split else ""
+        return f"use --tile {tile}{instead} (tiles of {tile} x {tile} LR pixels, {batch} per call)"
+    if batch > 1:
+        return f"use --tile-batch 1 (now {batch} tiles per call)"
+    smallest = max(model_min_size(model), overlap + 1)
+    if tile > smallest:
+        return f"use a smaller tile: --tile {max(smallest, tile // 2)}"
+    if overlap > 0 and model_min_size(model) < tile:
+        return f"use --tile-overlap 0 --tile {model_min_size(model)} (the smallest tile)"
+    return "even the smallest tile does not fit in this device's memory"
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -234,20 +291,35 @@ class Upscaler:
 
     def __init__(self, model, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
                  self_ensemble: bool = False, tile_batch: int = DEFAULT_TILE_BATCH,
-                 scale: int | None = None, split: int | None = None):
+                 scale: int | None = None, split: int | None = None,
+                 auto_tile_above: int | None = None):
         self.model = model
         self.scale = int(scale) if scale is not None else model_scale(model)
         self.tile = None if tile is None else int(tile)
         self.overlap = int(overlap)
         self.self_ensemble = bool(self_ensemble)
         if tile_batch < 1:
-            raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+            raise ValueError(f"the tile batch must be 1 or more tiles, got {tile_batch}; "
+                             f"use --tile-batch 1 or more")
         self.tile_batch = int(tile_batch)
         self.split = None if split is None else int(split)
         if self.split is not None:
             check_split(self.split, self.tile)
         if self.tile is not None:
             check_tile(model, self.tile, self.overlap)
+        # Images above this many LR pixels are tiled (`auto_tile`) when `tile` is None.
+        self.auto_tile_above = int(auto_tile_above) if auto_tile_above else None
+        self.auto_tile = None
+        if self.auto_tile_above is not None and self.tile is None:
+            if self.split is not None:
+                raise ValueError("the official split test and tiling above a size are two "
+                                 "different protocols: use one of them")
+            if self.auto_tile_above < 0:
+                raise ValueError(f"auto_tile_above is a number of LR pixels (0: never), got "
+                                 f"{self.auto_tile_above}")
+            self.auto_tile = auto_tile_size(model, self.auto_tile_above, self.overlap,
+                                            self.tile_batch)
+            check_tile(model, self.auto_tile, self.overlap)
         if isinstance(model, nnx.Module):
             self._def, self._state = nnx.split(model)
         else:
@@ -255,10 +327,26 @@ class Upscaler:
 
     @property
     def protocol(self) -> str:
-        """'whole', 'tiled' or 'official-split': how images are fed to the model."""
+        """'whole', 'tiled' or 'official-split': how images are fed to the model ('whole' also
+        when only images above `auto_tile_above` pixels are tiled)."""
         if self.split is not None:
             return "official-split"
         return "whole" if self.tile is None else "tiled"
+
+    def tile_for(self, height: int, width: int) -> tuple[int, int] | None:
+        """The (rows, columns) tile an LR image of this size is cut into, None for whole.
+
+        The tile (`tile`, or `auto_tile` above `auto_tile_above` pixels) is clamped to the
+        image per side; an image that fits in one tile goes through whole.
+        """
+        if self.split is not None:
+            return None
+        tile = self.tile
+        if tile is None and self.auto_tile is not None and height * width > self.auto_tile_above:
+            tile = self.auto_tile
+        if tile is None or (height <= tile and width <= tile):
+            return None
+        return min(tile, height), min(tile, width)
 
     def _dispatch(self, x: np.ndarray) -> jax.Array:
         return _run(self._def, self.self_ensemble, self._state, jnp.asarray(x, jnp.float32))
@@ -276,7 +364,7 @@ class Upscaler:
             raise ValueError(f"expected RGB images (H, W, 3) or (N, H, W, 3), got {x.shape}")
         if self.split is not None:
             y = np.stack([self._split_test(img) for img in x])
-        elif self.tile is None:
+        elif self.tile_for(*x.shape[1:3]) is None:  # whole, or one tile covers the images
             y = self._call(x)
         else:
             y = np.stack([self._tiled(img) for img in x])
@@ -302,30 +390,27 @@ class Upscaler:
         return out[:height * s, :width * s]
 
     def _tiled(self, img: np.ndarray) -> np.ndarray:
-        """One HWC image through fixed-size tiles, blended."""
-        t, s = self.tile, self.scale
+        """One HWC image through fixed-size tiles (`tile_for`), blended."""
+        s = self.scale
         height, width = img.shape[:2]
-        pad_h, pad_w = max(t - height, 0), max(t - width, 0)
-        if pad_h or pad_w:  # mirror (x, flip(x), x, ...) as the model pads, then crop
-            img = np.pad(img, ((0, pad_h), (0, pad_w), (0, 0)), mode="symmetric")
-        h, w = img.shape[:2]
-        ys, xs = tile_starts(h, t, self.overlap), tile_starts(w, t, self.overlap)
-        wy, wx = blend_weights(ys, t, s), blend_weights(xs, t, s)
-        out = np.zeros((h * s, w * s, 3), np.float32)  # host memory: 16 bytes per HR pixel
-        wsum = np.zeros((h * s, w * s, 1), np.float32)
+        th, tw = self.tile_for(height, width)
+        ys, xs = tile_starts(height, th, self.overlap), tile_starts(width, tw, self.overlap)
+        wy, wx = blend_weights(ys, th, s), blend_weights(xs, tw, s)
+        out = np.zeros((height * s, width * s, 3), np.float32)  # host: 16 bytes per HR pixel
+        wsum = np.zeros((height * s, width * s, 1), np.float32)
         jobs = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
 
         def accumulate(chunk, result):
             for (i, j), tile_out in zip(chunk, np.asarray(result)):
                 weight = np.outer(wy[i], wx[j]).astype(np.float32)[..., None]
                 y0, x0 = ys[i] * s, xs[j] * s
-                out[y0:y0 + t * s, x0:x0 + t * s] += weight * tile_out
-                wsum[y0:y0 + t * s, x0:x0 + t * s] += weight
+                out[y0:y0 + th * s, x0:x0 + tw * s] += weight * tile_out
+                wsum[y0:y0 + th * s, x0:x0 + tw * s] += weight
 
         pending = None
         for b in range(0, len(jobs), self.tile_batch):
             chunk = jobs[b:b + self.tile_batch]
-            batch = np.stack([img[ys[i]:ys[i] + t, xs[j]:xs[j] + t] for i, j in chunk])
+            batch = np.stack([img[ys[i]:ys[i] + th, xs[j]:xs[j] + tw] for i, j in chunk])
             if len(chunk) < self.tile_batch:  # keep the compiled shape
                 fill = np.repeat(batch[-1:], self.tile_batch - len(chunk), axis=0)
                 batch = np.concatenate([batch, fill])
@@ -335,12 +420,14 @@ class Upscaler:
             pending = (chunk, result)
         accumulate(*pending)
         out /= wsum
-        return out[:height * s, :width * s]
+        return out
 
 
 def upscale(model, images, *, tile: int | None = None, overlap: int = DEFAULT_OVERLAP,
             self_ensemble: bool = False, tile_batch: int = DEFAULT_TILE_BATCH,
-            scale: int | None = None, split: int | None = None) -> np.ndarray:
+            scale: int | None = None, split: int | None = None,
+            auto_tile_above: int | None = None) -> np.ndarray:
     """One-off `Upscaler(model, ...)(images)`; build an Upscaler to reuse compilations."""
     return Upscaler(model, tile=tile, overlap=overlap, self_ensemble=self_ensemble,
-                    tile_batch=tile_batch, scale=scale, split=split)(images)
+                    tile_batch=tile_batch, scale=scale, split=split,
+                    auto_tile_above=auto_tile_above)(images)
