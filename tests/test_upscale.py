@@ -126,3 +126,37 @@ def test_cli_errors(folder, tiny_checkpoint, tmp_path, capsys):
     assert upscale.main([str(tmp_path / "missing.png"), "--checkpoint", str(tiny_checkpoint),
                          "--output", out]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- nothing lost (issue #12)
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    pic = pictures.Picture(np.full((6, 5, 3), 0.5, np.float32))
+    deep = pictures.Picture(np.full((6, 5, 3), 0.5, np.float32), bits=16)
+    dst = tmp_path / "x.png"
+
+    def half_written(self, fp, *args, **kwargs):  # a disk that fills up mid-way
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n half")
+        raise OSError("No space left on device")
+
+    real_save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", half_written)
+    with pytest.raises(OSError, match="No space"):
+        pictures.write_picture(dst, pic)
+    assert list(tmp_path.iterdir()) == []
+    dst.write_bytes(b"an earlier result")
+    with pytest.raises(OSError, match="No space"):
+        pictures.write_picture(dst, pic)
+    monkeypatch.setattr(png.Writer, "write", lambda self, f, rows: half_written(None, f.name))
+    with pytest.raises(OSError, match="No space"):
+        pictures.write_picture(dst, deep)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+    assert dst.read_bytes() == b"an earlier result"
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    # overwrite=False never replaces a file; the default replaces it whole.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        pictures.write_picture(dst, pic, overwrite=False)
+    assert dst.read_bytes() == b"an earlier result"
+    pictures.write_picture(dst, pic)
+    assert pictures.read_picture(dst).rgb.shape == (6, 5, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]

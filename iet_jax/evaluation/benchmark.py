@@ -19,9 +19,11 @@ from typing import Sequence
 import numpy as np
 
 from iet_jax.conventions import metrics
+from iet_jax.conventions.messages import shown
 from iet_jax.conventions.imresize import bicubic_upscale
 from iet_jax.datasets.catalog import BENCHMARKS
 from iet_jax.evaluation import inference
+from iet_jax.evaluation.pictures import atomic_output
 
 DEFAULT_DATASETS = BENCHMARKS  # the five every SR paper reports
 DISPLAY_NAMES = {"set5": "Set5", "set14": "Set14", "b100": "B100", "urban100": "Urban100",
@@ -35,8 +37,8 @@ def _check_pair(hr: np.ndarray, lr: np.ndarray, scale: int, name: str) -> np.nda
             hr.shape[0] >= (h + 1) * scale or hr.shape[1] >= (w + 1) * scale):
         ratio = hr.shape[0] / h
         raise ValueError(
-            f"{name}: HR {hr.shape[0]}x{hr.shape[1]} and LR {h}x{w} are a x{ratio:g} pair, but "
-            f"the model upscales x{scale}: evaluate on the dataset built for x{scale}")
+            f"{shown(name)}: HR {hr.shape[0]}x{hr.shape[1]} and LR {h}x{w} are a x{ratio:g} "
+            f"pair, but the model upscales x{scale}: evaluate on the dataset built for x{scale}")
     return hr[:h * scale, :w * scale]
 
 
@@ -51,7 +53,8 @@ def evaluate_source(model, source: Sequence[dict], scale: int, *, self_ensemble:
     {'count', 'psnr', 'ssim', 'bicubic_psnr', 'bicubic_ssim', 'seconds', 'protocol',
     'images': [...]} with the means over the images (bicubic entries only when `bicubic`).
     `split=inference.OFFICIAL_SPLIT` runs the official split test (then each image row has
-    its 'patches' grid). `save_dir` receives each output as `<name>.png`.
+    its 'patches' grid). `save_dir` receives each output as `<name>.png` (written under a
+    temporary name and renamed when complete).
     """
     if isinstance(model, inference.Upscaler):
         upscaler = model
@@ -78,7 +81,8 @@ def evaluate_source(model, source: Sequence[dict], scale: int, *, self_ensemble:
         name = str(example.get("name", f"{i:04d}"))
         lr = np.asarray(example["lr"])
         if lr.dtype != np.uint8 or lr.ndim != 3 or lr.shape[-1] != 3:
-            raise ValueError(f"{name}: expected uint8 RGB images, got {lr.dtype} {lr.shape}")
+            raise ValueError(f"{shown(name)}: expected uint8 RGB images, got {lr.dtype} "
+                             f"{lr.shape}")
         hr = _check_pair(np.asarray(example["hr"]), lr, scale, name)
         start = time.perf_counter()
         sr = metrics.to_uint8(upscaler(lr.astype(np.float32) / 255.0))
@@ -95,8 +99,8 @@ def evaluate_source(model, source: Sequence[dict], scale: int, *, self_ensemble:
         if save_dir is not None:
             from PIL import Image
 
-            save_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(sr).save(save_dir / f"{_safe_name(name)}.png")
+            with atomic_output(save_dir / f"{_safe_name(name)}.png") as temp:
+                Image.fromarray(sr).save(temp, format="PNG")
     result = {"count": len(rows), "seconds": seconds, "protocol": upscaler.protocol}
     keys = ["psnr", "ssim"] + (["bicubic_psnr", "bicubic_ssim"] if bicubic else [])
     for key in keys:
