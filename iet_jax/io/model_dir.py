@@ -2,7 +2,11 @@
 
 Written by `python -m iet_jax.convert` and read by everything that needs weights. Keeping the
 config next to the parameters means a checkpoint always says which network it holds.
-`load_model` also reads a training workdir (`iet_jax.io.workdir`).
+`load_model` also reads a training workdir (`iet_jax.io.workdir`). A checkpoint that cannot be
+loaded (no model in the directory, a workdir without a complete checkpoint, a `config.json`
+that is not a model config, unreadable parameters) raises `CheckpointError`, whose message is
+one line naming the file and the fix (a parameter tree that does not fit its config lists the
+differences, one per line).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from iet_jax.io import workdir as workdir_lib
-from iet_jax.io.stored import (CONFIG_FILE, check_tree, config_to_json, empty_model,
-                               filled_model, with_int_keys, with_str_keys)
+from iet_jax.io.stored import (CONFIG_FILE, CheckpointError, CheckpointMissingError, check_tree,
+                               config_to_json, empty_model, filled_model, with_int_keys,
+                               with_str_keys)
 from iet_jax.model.network import IET
 
 PARAMS_DIR = "params"
@@ -45,20 +50,78 @@ def load_model(directory: str | Path, dtype: str | None = None, which: str | int
 
     `dtype` ('float32', 'bfloat16', 'float64') overrides the stored compute dtype; parameters
     are then kept in float32 for bfloat16 and float64 for float64.
+
+    A checkpoint that cannot be loaded raises `CheckpointError` (a ValueError), one line naming
+    the file and the fix; `CheckpointMissingError` (also a FileNotFoundError) when there is
+    none where one was asked for.
     """
     directory = Path(directory).absolute()
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+        if directory.exists():
+            raise CheckpointMissingError(
+                f"{directory} is a file, not a model directory (config.json + params/); "
+                f"official .pth weights convert to one with python -m iet_jax.convert")
+        raise CheckpointMissingError(
+            f"checkpoint directory not found: {directory}; give a model directory (written by "
+            f"python -m iet_jax.convert) or a training workdir")
     if workdir_lib.is_training_workdir(directory):
-        return workdir_lib.load_training_model(directory, dtype=dtype, which=which)
+        return _load_from_workdir(directory, dtype, which)
     config_path = directory / CONFIG_FILE
-    if not config_path.is_file() or not (directory / PARAMS_DIR).is_dir():
-        raise FileNotFoundError(
-            f"{directory} is not an iet-jax model checkpoint (expected {CONFIG_FILE} and "
-            f"{PARAMS_DIR}/); official .pth weights convert with python -m iet_jax.convert"
-        )
+    params = directory / PARAMS_DIR
+    if not config_path.is_file() or not params.is_dir():
+        if (directory / workdir_lib.TRAIN_CONFIG_FILE).is_file():
+            raise CheckpointMissingError(
+                f"the training workdir {directory} has no checkpoint yet (no "
+                f"{workdir_lib.WORKDIR_CHECKPOINTS}/); training saves one every "
+                f"checkpoint_every steps and at its end: wait for one, or load another "
+                f"checkpoint")
+        missing = " and ".join(name for name, there in (
+            (CONFIG_FILE, config_path.is_file()), (PARAMS_DIR + "/", params.is_dir()))
+            if not there)
+        raise CheckpointMissingError(
+            f"{directory} is not an iet-jax model checkpoint: it has no {missing} (a model "
+            f"directory holds {CONFIG_FILE} and {PARAMS_DIR}/, a training workdir "
+            f"{CONFIG_FILE} and {workdir_lib.WORKDIR_CHECKPOINTS}/); official .pth weights "
+            f"convert with python -m iet_jax.convert")
     graphdef, state, target = empty_model(directory, dtype)
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = with_int_keys(checkpointer.restore(directory / PARAMS_DIR))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = with_int_keys(checkpointer.restore(params))
+    except MemoryError:
+        raise
+    except Exception as e:  # orbax and tensorstore raise many kinds
+        raise CheckpointError(
+            f"cannot read the parameters in {params} ({_first_line(e)}): they are incomplete "
+            f"or damaged; save or convert the model again") from e
     check_tree(directory, target, stored)
     return filled_model(graphdef, state, target, stored)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _load_from_workdir(directory: Path, dtype: str | None, which: str | int) -> IET:
+    """`workdir.load_training_model`, its failures as CheckpointError naming step and fix."""
+    if not workdir_lib.workdir_steps(directory):
+        raise CheckpointMissingError(
+            f"the training workdir {directory} has no complete checkpoint yet (none in "
+            f"{workdir_lib.WORKDIR_CHECKPOINTS}/); training saves one every checkpoint_every "
+            f"steps and at its end: wait for one, or load another checkpoint")
+    try:
+        step = workdir_lib.workdir_step(directory, which)
+    except FileNotFoundError as e:  # no such step, or none with a validation PSNR
+        raise CheckpointMissingError(str(e)) from e
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    try:
+        return workdir_lib.load_training_model(directory, dtype=dtype, which=step)
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as e:  # orbax and tensorstore raise many kinds
+        where = directory / workdir_lib.WORKDIR_CHECKPOINTS / str(step)
+        raise CheckpointError(
+            f"cannot read the weights of checkpoint {step} in {where} ({_first_line(e)}): it "
+            f"is incomplete or damaged; move it out of {workdir_lib.WORKDIR_CHECKPOINTS}/ to "
+            f"load the one before") from e

@@ -4,6 +4,7 @@ Both hold the model config as `config.json` beside parameter trees that orbax wr
 dicts with string keys. This module reads and writes that config, converts between the model's
 parameter dicts (integer keys for `nnx.List` entries) and the stored form, and builds the model
 a `config.json` describes before its stored parameters are checked against it and filled in.
+A checkpoint that cannot be loaded raises `CheckpointError`, naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from iet_jax.model import config as config_lib
 from iet_jax.model.network import IET, abstract_model
 
 CONFIG_FILE = "config.json"
+# What a config.json that cannot be read needs.
+_CONFIG_FIX = ("restore it, or write the model again (python -m iet_jax.convert writes model "
+               "directories, python -m iet_jax.train workdirs)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the fix."""
+
+
+class CheckpointMissingError(CheckpointError, FileNotFoundError):
+    """No checkpoint where one was asked for (also a FileNotFoundError, as it always was)."""
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> str:
@@ -35,11 +47,41 @@ def config_from_json(text: str, **overrides: Any) -> ml_collections.ConfigDict:
     return config_lib.model_config(**{**fields, **overrides})
 
 
+def read_config(directory: Path, **overrides: Any) -> ml_collections.ConfigDict:
+    """The model config in `directory`/config.json; CheckpointError naming the file if it
+    cannot be read, is not JSON, or is not a model config."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise CheckpointError(f"cannot read {path}: {why}; {_CONFIG_FIX}") from e
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column "
+                              f"{e.colno}); {_CONFIG_FIX}") from e
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(fields).__name__}, not the object of "
+                              f"model config fields; {_CONFIG_FIX}")
+    try:
+        return config_from_json(text, **overrides)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a valid model config ({e}); {_CONFIG_FIX}") from e
+
+
 def empty_model(directory: Path, dtype: str | None):
     """(graphdef, state, pure-dict target) of the model `directory`/config.json describes."""
     overrides = {} if dtype is None else config_lib.dtype_fields(dtype)
-    config = config_from_json((directory / CONFIG_FILE).read_text(), **overrides)
-    graphdef, state = nnx.split(abstract_model(config))
+    config = read_config(directory, **overrides)
+    try:
+        model = abstract_model(config)
+    except Exception as e:  # a config that passes the checks but builds no network
+        text = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{Path(directory) / CONFIG_FILE} describes a model that cannot be built "
+            f"({type(e).__name__}: {text[0] if text else ''}); {_CONFIG_FIX}") from e
+    graphdef, state = nnx.split(model)
     return graphdef, state, nnx.to_pure_dict(state)
 
 
@@ -61,7 +103,7 @@ def check_tree(directory: Path, target: dict, stored: Any) -> None:
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(
+        raise CheckpointError(
             f"the parameters in {directory} do not fit its {CONFIG_FILE}:\n  {shown}{more}")
 
 
