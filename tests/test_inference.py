@@ -420,18 +420,27 @@ def test_every_tile_advice_is_accepted():
     # The demo model's case (min 7, default overlap 16): the advice is a tile above 16.
     with pytest.raises(ValueError, match="use --tile 17 or more"):
         inference.Upscaler(model, tile=7)
-    # What to change when a model call runs out of memory is accepted too.
-    for settings in [{}, dict(tile=40, tile_batch=4), dict(tile=40, tile_batch=1),
-                     dict(tile=17, tile_batch=1), dict(split=384),
-                     dict(tile=11, overlap=10, tile_batch=1)]:
+    # What to change when a model call runs out of memory is accepted too, and changes how
+    # that image is cut.
+    for settings, size in [({}, None), ({}, (50, 60)), ({}, (500, 600)),
+                           (dict(auto_tile_above=400), (500, 600)),
+                           (dict(auto_tile_above=400, tile_batch=1), (500, 600)),
+                           (dict(tile=40, tile_batch=4), None), (dict(tile=40, tile_batch=1), None),
+                           (dict(tile=40, tile_batch=1), (30, 200)),
+                           (dict(tile=17, tile_batch=1), None), (dict(split=384), None),
+                           (dict(tile=11, overlap=10, tile_batch=1), (50, 60))]:
         up = inference.Upscaler(model, **settings)
-        advice = inference.memory_advice(up)
-        if "smallest tile does not fit" in advice:
-            continue
-        assert "--tile" in advice, advice
+        advice = inference.memory_advice(up, *(size or (None, None)))
+        assert "--tile" in advice, (settings, size, advice)
         new = {**settings, **_advised("; use " + advice.split("use ", 1)[1])[0]}
         new.pop("split", None)
-        inference.Upscaler(model, **new)
+        again = inference.Upscaler(model, **new)
+        if size is not None:
+            before = (up.tile_for(*size), up.tile_batch)
+            assert (again.tile_for(*size), again.tile_batch) != before, (settings, size, advice)
+    assert "does not fit" in inference.memory_advice(
+        inference.Upscaler(model, tile=10, overlap=0, tile_batch=1), 50, 60)
+    assert "does not fit" in inference.memory_advice(inference.Upscaler(model), 12, 12)
     assert inference.is_out_of_memory(MemoryError())
     assert inference.is_out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
     assert not inference.is_out_of_memory(ValueError("no"))

@@ -175,20 +175,30 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error)
 
 
-def memory_advice(upscaler: "Upscaler") -> str:
-    """What to change when a model call of `upscaler` ran out of memory (accepted settings)."""
+def memory_advice(upscaler: "Upscaler", height: int | None = None,
+                  width: int | None = None) -> str:
+    """What to change when a model call of `upscaler` ran out of memory (on an LR image of
+    height x width, when known): a setting that is accepted, and that changes the calls."""
     model, overlap, batch = upscaler.model, upscaler.overlap, upscaler.tile_batch
-    tile = upscaler.tile
-    if tile is None:
+    smallest = max(model_min_size(model), overlap + 1)
+    if height is not None and width is not None:
+        used = upscaler.tile_for(height, width)
+    else:
+        used = None if upscaler.tile is None else (upscaler.tile, upscaler.tile)
+    if used is None:  # the whole image (or the split test's patches) went through at once
         tile = auto_tile_size(model, DEFAULT_AUTO_TILE_ABOVE, overlap, batch)
+        if height is not None and width is not None:
+            tile = min(tile, max(smallest, max(height, width) // 2))
+            if tile >= max(height, width):
+                return "this image is smaller than the smallest tile and does not fit"
         instead = " instead of --official-split (another protocol)" if upscaler.split else ""
         return f"use --tile {tile}{instead} (tiles of {tile} x {tile} LR pixels, {batch} per call)"
     if batch > 1:
         return f"use --tile-batch 1 (now {batch} tiles per call)"
-    smallest = max(model_min_size(model), overlap + 1)
-    if tile > smallest:
-        return f"use a smaller tile: --tile {max(smallest, tile // 2)}"
-    if overlap > 0 and model_min_size(model) < tile:
+    side = max(used)
+    if side > smallest:
+        return f"use a smaller tile: --tile {max(smallest, side // 2)}"
+    if overlap > 0 and model_min_size(model) < side:
         return f"use --tile-overlap 0 --tile {model_min_size(model)} (the smallest tile)"
     return "even the smallest tile does not fit in this device's memory"
 
