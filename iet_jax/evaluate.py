@@ -17,7 +17,14 @@ The protocol (how images reach the model) is recorded with the numbers: `whole` 
 each image in one piece), `tiled` (`--tile`: blended fixed-size tiles) or `official-split`
 (`--official-split`: the official IETModel test, which cuts LR images of 384 x 384 pixels or
 more into patches and keeps each patch's own cell; see `iet_jax.evaluation.inference`). With the
-split test each image's row in `results.json` gives its patch grid (`[1, 1]`: whole).
+split test each image's row in `results.json` gives its patch grid (`[1, 1]`: whole). With
+`--tile`, an image that one tile covers goes through whole (same numbers as `whole`).
+
+A checkpoint that cannot be loaded, and `--output` / `--save-images` that cannot be folders,
+are refused before any compute: one `error:` line naming the problem and the fix, exit code 2
+(`--verbose` adds the traceback). Outside text (paths, dataset and image names) is quoted with
+non-printable characters escaped; every file is written under a temporary name and renamed
+when complete.
 """
 
 from __future__ import annotations
@@ -25,13 +32,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from iet_jax import datasets
+from iet_jax.conventions.messages import shown
 from iet_jax.evaluation import inference
 from iet_jax.evaluation.benchmark import (DEFAULT_DATASETS, DISPLAY_NAMES, describe_protocol,
                                           evaluate_source, format_scores, markdown_table,
                                           parse_datasets)
+from iet_jax.evaluation.pictures import atomic_output, prepare_folder
 from iet_jax.io import model_dir
 
 
@@ -68,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="DIR",
                    help="write results.json and results.md to DIR")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the traceback of errors (checkpoint, datasets)")
     return p
+
+
+def error(message: object, verbose: bool = False) -> None:
+    """One `error:` line (outside text escaped); with `verbose`, the traceback after it."""
+    print(f"error: {shown(message, keep_newlines=True)}", file=sys.stderr)
+    if verbose and sys.exc_info()[0] is not None:
+        print(shown(traceback.format_exc().rstrip(), keep_newlines=True), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wanted = parse_datasets(args.datasets, args.dataset_split)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        error(e, args.verbose)
+        return 2
+    folders = [(folder, flag) for folder, flag in (
+        (args.output, "--output"), (args.save_images, "--save-images")) if folder is not None]
+    try:  # the output folders first: refused before the checkpoint and any compute
+        for folder, flag in folders:
+            prepare_folder(folder, flag, make=False)
+    except ValueError as e:
+        error(e, args.verbose)
         return 2
     try:
         model = (model_dir.load_model(args.checkpoint) if args.dtype is None
@@ -85,26 +112,38 @@ def main(argv: list[str] | None = None) -> int:
         upscaler = inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
                                       self_ensemble=args.self_ensemble,
                                       tile_batch=args.tile_batch, split=split)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (model_dir.CheckpointError, FileNotFoundError, ValueError) as e:
+        error(e, args.verbose)
+        return 2
+    except Exception as e:  # noqa: BLE001 - anything else a checkpoint can raise: one line
+        error(f"cannot load the checkpoint {shown(args.checkpoint)}: {type(e).__name__}: "
+              f"{shown(e)}" + ("" if args.verbose else " (--verbose shows the traceback)"),
+              args.verbose)
         return 2
     scale = upscaler.scale
     if args.scale is not None and args.scale != scale:
-        print(f"error: the checkpoint upscales x{scale}, not x{args.scale}", file=sys.stderr)
+        error(f"the checkpoint upscales x{scale}, not x{args.scale}")
         return 2
     sources, problems = {}, []
     for name, split in wanted:  # open every dataset first: fail before any compute
         try:
             sources[name] = datasets.open_source(name, split, scale, data_dir=args.data_dir)
         except datasets.DatasetNotBuiltError as e:
-            problems.append(f"dataset {name} (x{scale}) is not built; build it with:\n  {e}")
+            problems.append(f"dataset {shown(name)} (x{scale}) is not built; build it with:\n"
+                            f"  {shown(e)}")
         except (FileNotFoundError, ValueError) as e:
-            problems.append(f"dataset {name}: {e}")
+            problems.append(f"dataset {shown(name)}: {shown(e)}")
     if problems:
         for msg in problems:
-            print(f"error: {msg}", file=sys.stderr)
+            error(msg)
         return 1
-    label = Path(args.checkpoint).name or "model"
+    try:
+        for folder, flag in folders:
+            prepare_folder(folder, flag)
+    except ValueError as e:
+        error(e, args.verbose)
+        return 2
+    label = shown(Path(args.checkpoint).name or "model")
     settings = {"checkpoint": str(Path(args.checkpoint).absolute()), "scale": scale,
                 "splits": dict(wanted), "self_ensemble": args.self_ensemble,
                 "protocol": upscaler.protocol, "split_patch": upscaler.split,
@@ -118,30 +157,36 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = evaluate_source(upscaler, source, scale, save_dir=save,
                                   bicubic=not args.no_bicubic, limit=args.limit,
-                                  progress=not args.no_progress, desc=name)
+                                  progress=not args.no_progress, desc=shown(name))
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            error(e, args.verbose)
+            return 1
+        except Exception as e:  # noqa: BLE001 - out of memory: say what to change
+            if not inference.is_out_of_memory(e):
+                raise
+            error(f"dataset {shown(name)}: {type(e).__name__}: {shown(e)}; "
+                  f"{inference.memory_advice(upscaler)}", args.verbose)
             return 1
         results[name] = res
         ref = (f"  (bicubic {format_scores(res['bicubic_psnr'], res['bicubic_ssim'])})"
                if "bicubic_psnr" in res else "")
-        print(f"{DISPLAY_NAMES.get(name, name)}: {res['count']} images, "
+        print(f"{shown(DISPLAY_NAMES.get(name, name))}: {res['count']} images, "
               f"{format_scores(res['psnr'], res['ssim'])}{ref}, {res['seconds']:.1f} s", flush=True)
     table = markdown_table(results, scale, label)
     print()
-    print(table)
+    print(shown(table, keep_newlines=True))
     if args.output is not None:
         out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(
-            {"settings": settings, "datasets": results}, indent=1))
+        with atomic_output(out / "results.json") as temp:
+            temp.write_text(json.dumps({"settings": settings, "datasets": results}, indent=1))
         extras = ", ".join(s for s in (
             describe_protocol(upscaler), "x8 self-ensemble" if args.self_ensemble else "") if s)
         md = (f"# {label} x{scale}\n\nPSNR (dB) / SSIM on the Y channel, {scale} border pixels "
               "cropped; splits: " + ", ".join(f"{n} `{sp}`" for n, sp in wanted)
               + f"; {extras}.\n\n{table}\n")
-        (out / "results.md").write_text(md)
-        print(f"\nwrote {out / 'results.json'} and {out / 'results.md'}")
+        with atomic_output(out / "results.md") as temp:
+            temp.write_text(md)
+        print(f"\nwrote {shown(out / 'results.json')} and {shown(out / 'results.md')}")
     return 0
 
 

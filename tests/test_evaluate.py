@@ -176,3 +176,61 @@ def test_cli_errors(tiny_checkpoint, fake_datasets, tmp_path, capsys):
     assert "minimum tile is 10" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", ck, "--scale", "4"]) == 2
     assert "upscales x2, not x4" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- nothing silently wrong (#12)
+def test_cli_tile_covering_the_images_equals_whole(tiny_checkpoint, fake_datasets, tmp_path,
+                                                   capsys):
+    psnr = {}
+    for extra in ([], ["--tile", "20"], ["--tile", "64", "--tile-overlap", "4"]):
+        out = tmp_path / f"r{len(psnr)}"
+        assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",
+                              "--no-progress", "--no-bicubic", "--output", str(out),
+                              *extra]) == 0
+        saved = json.loads((out / "results.json").read_text())["datasets"]["demo"]["images"]
+        psnr[" ".join(extra)] = [row["psnr"] for row in saved]  # LR 16 x 20
+    whole = psnr.pop("")
+    assert psnr == {"--tile 20": whole, "--tile 64 --tile-overlap 4": whole}
+
+
+def test_output_folders_that_are_files_are_refused_before_computing(
+        tiny_checkpoint, fake_datasets, tmp_path, capsys, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded although the run had to be refused")
+
+    monkeypatch.setattr(model_dir, "load_model", must_not_load)
+    a_file = tmp_path / "results.md"
+    a_file.write_text("a file")
+    for flag in ["--output", "--save-images"]:
+        for folder in [a_file, a_file / "sub"]:
+            code = evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "demo",
+                                  flag, str(folder), "--no-progress"])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1, err
+            assert f"{flag} {folder} is not a folder" in err and "give a folder" in err
+    assert fake_datasets == [] and a_file.read_text() == "a file"
+
+
+def test_checkpoint_problems_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    from test_upscale import make_broken_checkpoints
+
+    for name, (path, says) in make_broken_checkpoints(tiny_checkpoint, tmp_path).items():
+        args = ["--checkpoint", str(path), "--datasets", "demo", "--no-progress"]
+        code = evaluate.main(args)
+        err = capsys.readouterr().err
+        lines = err.splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert all(s in lines[0] for s in says), (name, lines[0])
+        assert evaluate.main(args + ["--verbose"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(lines[0]) and "Traceback" in err, name
+
+
+def test_names_are_escaped_in_messages(tiny_checkpoint, fake_datasets, tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(tmp_path / "ck\x1b[2J"), "--datasets", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "ck\\x1b[2J" in err
+    assert evaluate.main(["--checkpoint", str(tiny_checkpoint), "--datasets", "set\x1b]0;x\x07",
+                          "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "set\\x1b]0;x\\x07" in err

@@ -4,7 +4,7 @@
 - `official`: the official code's state-dict key map, `.pth` -> model, and BasicSR option
   files -> model configs.
 - `stored`: what model directories and training workdirs store alike (`config.json`,
-  parameter trees with string keys).
+  parameter trees with string keys), and `CheckpointError` for what cannot be loaded.
 - `model_dir`: a model directory (`config.json` + `params/`): `save_model`, `load_model`
   (which also reads a training workdir's weights).
 - `workdir`: the training workdir: its checkpoints, written (`Checkpoints`) and read.
