@@ -45,8 +45,15 @@ from iet_jax.evaluation.pictures import atomic_output, prepare_folder
 from iet_jax.io import model_dir
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with the command line's own text escaped in its error messages."""
+
+    def error(self, message: str):
+        super().error(shown(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m iet_jax.evaluate",
         description="PSNR/SSIM (Y channel, border = scale) of a checkpoint on SR benchmarks.")
     p.add_argument("--checkpoint", required=True,

@@ -40,8 +40,15 @@ from iet_jax.evaluation.pictures import (check_outputs, collect_inputs, output_p
 from iet_jax.io import model_dir
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with the command line's own text escaped in its error messages."""
+
+    def error(self, message: str):
+        super().error(shown(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m iet_jax.upscale",
         description="Upscale PNG/JPEG/WebP images (files or folders) with an iet-jax checkpoint.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")

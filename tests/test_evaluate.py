@@ -234,3 +234,7 @@ def test_names_are_escaped_in_messages(tiny_checkpoint, fake_datasets, tmp_path,
                           "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\x07" not in err and "set\\x1b]0;x\\x07" in err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", "c", "--limit", "\x1b[2J"])
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b[2J" in err

@@ -346,9 +346,13 @@ def test_file_names_are_escaped_in_messages(tiny_checkpoint, tmp_path, capsys):
     assert not any(c in text for c in "\x1b\x07\r"), text
     for name in ["evil\\x1b[2J.png", "bad\\xff.png", "gone\\x1b]0;owned\\x07", "o\\x1b[31m"]:
         assert name in text, (name, text)
-    # A checkpoint path too.
+    # A checkpoint path too, and the command line's own errors.
     code, out, err = run([d, "--output", tmp_path / "o2"], tmp_path / "ck\x1b[2J", capsys)
     assert code == 2 and "\x1b" not in err and "ck\\x1b[2J" in err
+    with pytest.raises(SystemExit):
+        upscale.main([str(d), "--output", "o", "--checkpoint", "c", "--tile", "9\x1b[2J"])
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "9\\x1b[2J" in err
 
 
 def make_broken_checkpoints(good: Path, root: Path) -> dict[str, tuple[Path, list[str]]]:

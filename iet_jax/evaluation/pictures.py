@@ -112,7 +112,7 @@ def atomic_output(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
+        temp = path.parent / f".{path.name[:100]}.{secrets.token_hex(4)}.part"
         try:
             open(temp, "xb").close()  # reserve the name (permissions as for any new file)
             break
