@@ -419,3 +419,15 @@ def test_checkpoint_problems_are_one_line(folder, tiny_checkpoint, tmp_path, cap
                            capsys)
         assert code == 2 and err.startswith(line) and "Traceback" in err, name
     assert not (tmp_path / "o").exists()  # refused before the output folder was made
+
+
+def test_cli_tile_advice_is_accepted(folder, tiny_checkpoint, tmp_path, capsys):
+    # The tiny model needs 10 LR pixels; the default overlap is 16: "--tile 10" would be
+    # refused again, so the advice is a tile above the overlap.
+    code, _, err = run([folder / "color.png", "--output", tmp_path / "o", "--tile", "8"],
+                       tiny_checkpoint, capsys)
+    line = one_error_line(err)
+    assert code == 2 and "use --tile 17 or more" in line
+    code, stdout, _ = run([folder / "color.png", "--output", tmp_path / "o", "--tile", "17"],
+                          tiny_checkpoint, capsys)
+    assert code == 0 and "upscaled 1 of 1" in stdout
