@@ -56,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model directory (config.json + params/), e.g. from iet_jax.convert, "
                         "or a training workdir")
     p.add_argument("--output", required=True,
-                   help="folder for the upscaled images (made if missing); it may not hold "
-                        "the inputs themselves")
+                   help="folder for the upscaled images (made if missing); a run that would "
+                        "write over an input file is refused")
     p.add_argument("--overwrite", action="store_true",
                    help="replace outputs that exist already (never an input file)")
     p.add_argument("--tile", type=int, default=None,
-                   help="tile side in LR pixels (default: whole images up to "
-                        "--auto-tile-above pixels; each new size compiles)")
+                   help="tile side in LR pixels, clamped to the image (an image the tile "
+                        "covers goes through whole); default: whole images up to "
+                        "--auto-tile-above pixels (each new size compiles)")
     p.add_argument("--tile-overlap", type=int, default=inference.DEFAULT_OVERLAP,
                    help="minimum overlap of neighbouring tiles in LR pixels (default %(default)s)")
     p.add_argument("--tile-batch", type=int, default=inference.DEFAULT_TILE_BATCH,
