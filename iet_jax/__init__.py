@@ -15,14 +15,14 @@ The package is a house of rooms, one concern each, behind six front doors:
                   the training-patch loader
     model/        the model config, the network, the attention, the FLOPs count
     kernels/      the gather dispatch with its custom_vjp, the XLA reference, the Pallas kernels
-    conventions/  MATLAB bicubic and the field's PSNR/SSIM
+    conventions/  MATLAB bicubic, the field's PSNR/SSIM, quoting outside text in messages
 
 Imports point one way (checked by tests/test_imports.py, which reads every module's imports):
 
     front doors -> any room; nothing imports a front door
     training    -> model, kernels, datasets, io, conventions
     evaluation  -> model, io, conventions, datasets.catalog, datasets.images
-    io          -> model
+    io          -> model, conventions
     model       -> kernels
     datasets    -> conventions
     kernels, conventions -> nothing else in iet_jax

@@ -36,7 +36,7 @@ import traceback
 from pathlib import Path
 
 from iet_jax import datasets
-from iet_jax.conventions.messages import shown
+from iet_jax.conventions.text import shown
 from iet_jax.evaluation import inference
 from iet_jax.evaluation.benchmark import (DEFAULT_DATASETS, DISPLAY_NAMES, describe_protocol,
                                           evaluate_source, format_scores, markdown_table,

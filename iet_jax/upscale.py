@@ -32,7 +32,7 @@ import time
 import traceback
 from pathlib import Path
 
-from iet_jax.conventions.messages import shown
+from iet_jax.conventions.text import shown
 from iet_jax.evaluation import inference
 from iet_jax.evaluation.pictures import (check_outputs, collect_inputs, output_paths,
                                          prepare_folder, read_picture, upscale_picture,

@@ -19,7 +19,7 @@ FRONT_DOORS = {"iet_jax.train", "iet_jax.evaluate", "iet_jax.upscale", "iet_jax.
 MAY_IMPORT = {
     "training": {"model", "kernels", "datasets", "io", "conventions"},
     "evaluation": {"model", "io", "conventions", "datasets.catalog", "datasets.images"},
-    "io": {"model"},
+    "io": {"model", "conventions"},
     "model": {"kernels"},
     "datasets": {"conventions"},
     "kernels": set(),

@@ -3,8 +3,8 @@
 - `imresize`: MATLAB's antialiased bicubic `imresize` (how LR images are made) and
   `bicubic_upscale`, the bicubic reference row of every table.
 - `metrics`: PSNR and SSIM as SR papers report them (BasicSR's Y-channel convention).
-- `messages`: how messages quote outside text (file names, paths): `shown` escapes what is
-  not printable.
+- `text`: how outside text (file names, paths, names read from files) is quoted in
+  messages: `shown` escapes what is not printable, `printable` also cuts long text.
 
-NumPy only; imports nothing else from iet_jax.
+NumPy and the standard library only; imports nothing else from iet_jax.
 """

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from iet_jax.conventions import metrics
-from iet_jax.conventions.messages import shown
+from iet_jax.conventions.text import shown
 from iet_jax.conventions.imresize import bicubic_upscale
 from iet_jax.datasets.catalog import BENCHMARKS
 from iet_jax.evaluation import inference

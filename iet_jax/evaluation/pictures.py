@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from iet_jax.conventions.messages import shown
+from iet_jax.conventions.text import shown
 from iet_jax.datasets.images import png_bit_depth
 from iet_jax.evaluation import inference
 

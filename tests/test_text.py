@@ -1,10 +1,28 @@
-"""iet_jax.conventions.messages: outside text quoted in messages with what is not printable
-escaped."""
+"""iet_jax.conventions.text: outside text quoted safely in messages (`shown`, `printable`)."""
 
 import os
 from pathlib import Path
 
-from iet_jax.conventions.messages import shown
+from iet_jax.conventions.text import printable, shown
+
+
+def test_escapes_control_and_invisible_characters():
+    fake = "x\x1b[32mwrote out.png\x1b[0m\r\n\u202etxt.exe\udcff\x7f"
+    got = printable(fake)
+    assert got == "x\\x1b[32mwrote out.png\\x1b[0m\\r\\n\\u202etxt.exe\\xff\\x7f"  # an undecodable file-name byte: \\xNN
+    assert got.isprintable()
+
+
+def test_keeps_printable_text_and_backslashes():
+    assert printable("Ünïcode naïve 写真 C:\\data\\x.png") == "Ünïcode naïve 写真 C:\\data\\x.png"
+
+
+def test_cuts_long_text_saying_how_much():
+    assert printable("a" * 250) == "a" * 200 + "... (50 more characters)"
+    assert printable("\x1b" * 10, limit=9) == "\\x1b\\x1b... (8 more characters)"
+    assert printable("short", limit=5) == "short"
+    huge = "y" * 50_000_000  # a 50 MB name costs no more than its first characters
+    assert len(printable(huge)) < 250
 
 
 def test_shown_escapes_what_is_not_printable():
