@@ -275,3 +275,189 @@ def test_legacy_storage_list_must_match(tmp_path: Path) -> None:
     path.write_bytes(forged)
     with pytest.raises(ValueError, match="storage key list"):
         load_pth(path)
+
+
+# --- hostile files: bounded time, memory and messages -------------------------------------
+
+def _deflated_zip(path: Path, data_pkl: bytes | None, record: str, size: int,
+                  declared: int | None = None) -> Path:
+    """A zip with `data_pkl` (if given) and a `record` that inflates to `size` zero bytes (a
+    few KB on disk); `declared`, if given, is the size its headers claim instead."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        if data_pkl is not None:
+            zf.writestr("archive/data.pkl", data_pkl)
+        zf.writestr("archive/byteorder", "little")
+        with zf.open(record, "w") as member:
+            chunk = bytes(1 << 20)
+            for _ in range(size >> 20):
+                member.write(chunk)
+    if declared is not None:  # patch the size the central directory gives for `record`
+        data = bytearray(path.read_bytes())
+        name = record.encode()
+        central = data.index(b"PK\x01\x02")
+        while data[central + 46: central + 46 + len(name)] != name:
+            central = data.index(b"PK\x01\x02", central + 4)
+        struct.pack_into("<I", data, central + 24, declared)
+        path.write_bytes(bytes(data))
+    return path
+
+
+def _peak_bytes(fn) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("case", ["pickle", "storage", "understated"])
+def test_zip_bomb_costs_little_memory(tmp_path: Path, case: str) -> None:
+    """64 MB of zeros deflate to 64 KB; reading must not inflate them all."""
+    size = 64 << 20
+    numel = size // 4
+    pkl = _tensor_pickle(0, (numel,), (1,), numel)
+    if case == "pickle":
+        path = _deflated_zip(tmp_path / "bomb.pth", None, "archive/data.pkl", size)
+    elif case == "storage":
+        path = _deflated_zip(tmp_path / "bomb.pth", pkl, "archive/data/0", size)
+    else:  # the headers claim 4 MB; the deflate stream holds 64 MB
+        pkl = _tensor_pickle(0, (1 << 20,), (1,), 1 << 20)
+        path = _deflated_zip(tmp_path / "bomb.pth", pkl, "archive/data/0", size, 4 << 20)
+    assert path.stat().st_size < 200_000
+
+    def load() -> None:
+        with pytest.raises(ValueError, match="bomb.pth"):
+            load_pth(path)
+
+    assert _peak_bytes(load) < 16 << 20
+
+
+def test_a_stored_checkpoint_is_not_a_zip_bomb(tmp_path: Path) -> None:
+    storage = np.arange(1 << 20, dtype="<f4")  # 4 MB, stored uncompressed as torch.save does
+    path = _write_zip(tmp_path / "big.pth", _tensor_pickle(0, (1 << 20,), (1,), 1 << 20),
+                      storage.tobytes())
+    np.testing.assert_array_equal(load_pth(path)["w"], storage)
+
+
+def _ordered_dict_copies(items: int, copies: int) -> bytes:
+    """OrderedDict(d) again and again: quadratic work from a linear pickle."""
+    keys = b"".join(b"M" + struct.pack("<H", i) + b"N" for i in range(items))
+    return (b"\x80\x02ccollections\nOrderedDict\nq\x01}q\x00(" + keys + b"u"
+            + b"h\x01h\x00\x85R0" * copies + b"}.")
+
+
+def _state_copies(items: int, copies: int) -> bytes:
+    """One BUILD state applied to many OrderedDicts: each would get its own copy."""
+    keys = b"".join(b"X\x04\x00\x00\x00" + b"%04d" % i + b"N" for i in range(items))
+    return (b"\x80\x02}q\x00(" + keys + b"u0ccollections\nOrderedDict\nq\x01(" +
+            b"h\x01)Rh\x00b" * copies + b"l0}.")
+
+
+def test_opcode_flood_costs_little_time_and_memory(tmp_path: Path) -> None:
+    import time
+
+    path = _write_zip(tmp_path / "copies.pth", _ordered_dict_copies(3000, 3000))
+    start = time.process_time()
+    with pytest.raises(ValueError, match="OrderedDict built from arguments"):
+        load_pth(path)
+    assert time.process_time() - start < 0.5
+    path = _write_zip(tmp_path / "states.pth", _state_copies(2000, 2000))
+    assert path.stat().st_size < 50_000
+    assert _peak_bytes(lambda: load_pth(path)) < 8 << 20
+
+
+def test_pickle_length_and_opcode_count_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    from iet_jax.io import pth
+
+    monkeypatch.setattr(pth, "MAX_PICKLE_OPS", 1000)
+    path = _write_zip(tmp_path / "ops.pth", b"\x80\x02" + b"N0" * 1000 + b"}.")
+    with pytest.raises(ValueError, match="more than 1000 opcodes"):
+        load_pth(path)
+    monkeypatch.setattr(pth, "MAX_PICKLE_OPS", 10_000)
+    monkeypatch.setattr(pth, "MAX_PICKLE_BYTES", 1000)
+    path = _write_zip(tmp_path / "long.pth", b"\x80\x02" + b"N0" * 1000 + b"}.")
+    with pytest.raises(ValueError, match="longer than 1000 bytes"):
+        load_pth(path)
+    legacy = tmp_path / "long_legacy.pth"
+    legacy.write_bytes(b"\x80\x02" + b"N0" * 1000 + b"}.")
+    with pytest.raises(ValueError, match="longer than 1000 bytes"):
+        load_pth(legacy)
+    monkeypatch.undo()
+    load_pth(FIXTURES / "basicsr_ema.pth")  # real checkpoints are far below the bounds
+
+
+def test_shared_tuple_as_dict_key_is_refused_before_hashing(tmp_path: Path) -> None:
+    """x = None; 28 times x = (x, x): hashing x visits 2**28 items (seconds; hours at 40)."""
+    import time
+
+    key = b"Nq\x000" + b"h\x00h\x00\x86q\x000" * 28
+    for kind, data in [("dict", b"}" + key + b"h\x00Ns"),
+                       ("frozenset", b"}X\x01\x00\x00\x00s" + key + b"(h\x00\x91s")]:
+        path = _write_zip(tmp_path / f"{kind}.pth", b"\x80\x04" + data + b".")
+        start = time.process_time()
+        with pytest.raises(ValueError, match="dict key or set member"):
+            load_pth(path)
+        assert time.process_time() - start < 0.5
+
+
+def _dag(levels: int, memo: int, close: bytes) -> bytes:
+    """x = []; then `levels` times x = [x, x] (or a tuple): 2**levels leaves in a few bytes."""
+    m = bytes([memo])
+    return b"]q" + m + (b"(h" + m + b"h" + m + close + b"q" + m) * levels
+
+
+def test_legacy_key_list_of_nested_lists_is_refused_at_once(tmp_path: Path) -> None:
+    """Comparing two such lists takes 2**levels steps: seconds here (hours at 40 levels)."""
+    import time
+
+    head = (pickle.dumps(0x1950A86A20F9469CFC6C, 2) + pickle.dumps(1001, 2)
+            + pickle.dumps({"little_endian": True}, 2) + pickle.dumps({}, 2))
+    keys = b"\x80\x02(" + _dag(26, 0, b"l") + _dag(26, 1, b"l") + b"l."
+    path = tmp_path / "keys.pth"
+    path.write_bytes(head + keys)
+    start = time.process_time()
+    with pytest.raises(ValueError, match="storage key list"):
+        load_pth(path)
+    assert time.process_time() - start < 0.5
+
+
+def test_huge_persistent_id_gives_a_short_message(tmp_path: Path) -> None:
+    """A persistent id of 2**22 nested tuples: its full repr is 40 MB."""
+    import time
+
+    pid = b"\x80\x02X\x01\x00\x00\x00a\x85q\x00" + b"h\x00h\x00\x86q\x00" * 22 + b"Q}."
+    start = time.process_time()
+    with pytest.raises(ValueError, match="unexpected persistent id") as info:
+        load_pth(_write_zip(tmp_path / "pid.pth", pid))
+    assert len(str(info.value)) < 1000 and time.process_time() - start < 0.5
+    long_name = b"\x80\x02X" + struct.pack("<I", 10 << 20) + b"n" * (10 << 20) + b"Q}."
+    with pytest.raises(ValueError, match="unexpected persistent id") as info:
+        load_pth(_write_zip(tmp_path / "long.pth", long_name))
+    assert len(str(info.value)) < 1000
+
+
+ESC = "\x1b[32mwrote out.png\x1b[0m\r"
+
+
+def test_escape_sequences_from_the_file_are_escaped(tmp_path: Path) -> None:
+    path = _write_zip(tmp_path / "esc.pth", b"\x80\x02" + _global(ESC, "x") + b".")
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_pth(path)
+    assert "\\x1b[32mwrote out.png\\x1b[0m\\r.x" in str(info.value)
+    storage = _tensor_pickle(0, (1,), (1,), 1).replace(_str("0"), _str(ESC))
+    path = _write_zip(tmp_path / "record.pth", storage)
+    with pytest.raises(ValueError, match="no record") as info:
+        load_pth(path)
+    path = _write_zip(tmp_path / (ESC.strip("\r") + ".pth"), b"\x80\x02]q\x00.")
+    with pytest.raises(ValueError, match="expected a dict") as info2:
+        load_pth(path)
+    with pytest.raises(ValueError) as info3:
+        select_state_dict({ESC * 100: 1})
+    for e in (info, info2, info3):
+        assert "\x1b" not in str(e.value) and "\r" not in str(e.value), str(e.value)
+        assert "\\x1b[32m" in str(e.value)
+    assert len(str(info3.value)) < 600
