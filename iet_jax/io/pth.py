@@ -442,8 +442,8 @@ def load_pth(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Arrays are strided views of their torch storage, so tensors that shared a storage in torch
     share memory here too; dicts the pickle built as `OrderedDict`s come back as a subclass of
-    it that drops torch's `_metadata` attribute. bfloat16 tensors come back as float32 (NumPy has no bfloat16; the
-    conversion is exact). Raises FileNotFoundError for a missing file, UnsafeCheckpointError if
+    it that drops torch's `_metadata` attribute. bfloat16 tensors come back as float32 (NumPy
+    has no bfloat16; the conversion is exact). Raises FileNotFoundError for a missing file, UnsafeCheckpointError if
     the pickle names anything beyond tensors/storages/dicts, and ValueError for other files.
     """
     path = os.fspath(path)
