@@ -338,7 +338,8 @@ class _Unpickler(pickle.Unpickler):
 
     def _rebuild_parameter_with_state(self, data: np.ndarray, requires_grad: Any,
                                       backward_hooks: Any, state: Any) -> np.ndarray:
-        return self._rebuild_parameter(data, requires_grad, backward_hooks)  # the state is Python attributes set on the Parameter; not tensor data
+        # The state is Python attributes set on the Parameter, not tensor data.
+        return self._rebuild_parameter(data, requires_grad, backward_hooks)
 
 
 def _load_zip(path: str, f: BinaryIO, file_size: int) -> Any:
@@ -443,8 +444,9 @@ def load_pth(path: str | os.PathLike[str]) -> dict[str, Any]:
     Arrays are strided views of their torch storage, so tensors that shared a storage in torch
     share memory here too; dicts the pickle built as `OrderedDict`s come back as a subclass of
     it that drops torch's `_metadata` attribute. bfloat16 tensors come back as float32 (NumPy
-    has no bfloat16; the conversion is exact). Raises FileNotFoundError for a missing file, UnsafeCheckpointError if
-    the pickle names anything beyond tensors/storages/dicts, and ValueError for other files.
+    has no bfloat16; the conversion is exact). Raises FileNotFoundError for a missing file,
+    UnsafeCheckpointError if the pickle names anything beyond tensors/storages/dicts, and
+    ValueError for other files.
     """
     path = os.fspath(path)
     shown = printable(path, 500)
