@@ -535,3 +535,222 @@ def test_raw_storage_reads_the_same_pixels(tmp_path):
             np.testing.assert_array_equal(raw[i][k], png[i][k])
     np.testing.assert_array_equal(sub[0]["hr"], png[0]["hr"][:16, :16])
     check_pairs(sub, 4, generated=False)
+
+
+# ------------------------------------------------------------------ rebuilding (issue #12)
+
+
+def _main(args, capsys):
+    """Run the build command line; (exit code, stdout, its error line or '')."""
+    rc = build_mod.main(args)
+    out = capsys.readouterr()
+    # stderr also holds TFDS's progress bars; ours is one line starting with 'error:'
+    errors = [line for line in out.err.splitlines() if line.startswith("error:")]
+    assert len(errors) <= 1 and "Traceback" not in out.err
+    assert (rc == 0) == (not errors)
+    return rc, out.out, "".join(errors)
+
+
+def test_rebuild_from_other_sources_is_refused_unless_overwrite(tmp_path, capsys):
+    rng = np.random.default_rng(20)
+    a, b = tmp_path / "A", tmp_path / "B"
+    for i in range(3):
+        save(a / f"a{i}.png", smooth_image(rng, 16, 16))
+    for i in range(5):
+        save(b / f"b{i}.png", smooth_image(rng, 16, 16))
+    data = tmp_path / "d"
+    base = ["--dataset", "paired", "--name", "mine", "--scale", "4", "--data-dir", str(data),
+            "--num-workers", "1"]
+    rc, out, _ = _main(base + ["--hr-dir", str(a)], capsys)
+    assert rc == 0 and "built" in out
+    info = data / "iet_mine" / "x4" / "1.0.0" / "dataset_info.json"
+    stamp = info.stat().st_mtime_ns
+    # the same sources: the fast path, the build untouched
+    rc, out, _ = _main(base + ["--hr-dir", str(a)], capsys)
+    assert rc == 0 and "up to date" in out and info.stat().st_mtime_ns == stamp
+    # other folders: refused in one line naming --overwrite; the old build is kept
+    rc, out, err = _main(base + ["--hr-dir", str(b)], capsys)
+    assert rc == 1 and "--overwrite" in err and "3 then, 5 now" in err
+    assert len(open_source("mine", "train", 4, data_dir=data)) == 3
+    # other options: refused, naming them
+    rc, _, err = _main(base + ["--hr-dir", str(a), "--storage", "raw"], capsys)
+    assert rc == 1 and "storage png then, raw now" in err and "--overwrite" in err
+    # --overwrite rebuilds from the new folders
+    rc, out, _ = _main(base + ["--hr-dir", str(b), "--overwrite"], capsys)
+    assert rc == 0 and "built" in out
+    assert len(open_source("mine", "train", 4, data_dir=data)) == 5
+    # a file changed in place (same name, new content): refused
+    save(b / "b0.png", smooth_image(rng, 20, 20))
+    rc, _, err = _main(base + ["--hr-dir", str(b)], capsys)
+    assert rc == 1 and "other source files (5 then, 5 now" in err
+    # a build without a fingerprint (older iet-jax) cannot be trusted to match
+    _main(base + ["--hr-dir", str(b), "--overwrite"], capsys)
+    md_file = info.parent / "metadata.json"
+    md = json.loads(md_file.read_text())
+    del md["sources"]
+    md_file.write_text(json.dumps(md))
+    rc, _, err = _main(base + ["--hr-dir", str(b)], capsys)
+    assert rc == 1 and "no fingerprint" in err and "--overwrite" in err
+
+
+def test_overwrite_drops_the_old_builds_metadata(tmp_path):
+    rng = np.random.default_rng(21)
+    save(tmp_path / "HR" / "a.png", smooth_image(rng, 40, 40))
+    build("paired", 4, tmp_path / "d", name="t", hr_dirs=[tmp_path / "HR"], subimage=20,
+          subimage_step=20)
+    build("paired", 4, tmp_path / "d", name="t", hr_dirs=[tmp_path / "HR"], overwrite=True)
+    src = open_source("t", "train", 4, data_dir=tmp_path / "d")
+    assert len(src) == 1 and "subimage" not in src.metadata
+
+
+# ------------------------------------------------------------------ hostile images (issue #12)
+
+
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def test_exif_orientation_is_honoured_by_builds_and_upscale(tmp_path):
+    from PIL import ImageOps
+
+    from iet_jax.evaluation import pictures
+
+    rng = np.random.default_rng(22)
+    stored = smooth_image(rng, 16, 24)               # as the sensor wrote it: 16 high, 24 wide
+    hr_dir = tmp_path / "HR"
+    hr_dir.mkdir()
+    Image.fromarray(stored).save(hr_dir / "phone.jpg", quality=95, exif=_exif(6))
+    Image.fromarray(stored).save(hr_dir / "scan.png", exif=_exif(8))  # an 8-bit RGB PNG
+    upright = {}
+    for name in ("phone.jpg", "scan.png"):
+        with Image.open(hr_dir / name) as im:
+            upright[name] = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        assert upright[name].shape == (24, 16, 3)
+        # upscale's reader and the builders' read the same upright pixels
+        pic = pictures.read_picture(hr_dir / name)
+        np.testing.assert_array_equal(np.round(pic.rgb * 255).astype(np.uint8), upright[name])
+        np.testing.assert_array_equal(images.load_rgb(hr_dir / name), upright[name])
+    build("paired", 4, tmp_path / "d", name="exif", hr_dirs=[hr_dir])
+    src = open_source("exif", "train", 4, data_dir=tmp_path / "d")
+    got = {src[i]["name"]: src[i]["hr"] for i in range(len(src))}
+    np.testing.assert_array_equal(got["phone"], upright["phone.jpg"])
+    np.testing.assert_array_equal(got["scan"], upright["scan.png"])  # not the PNG's bytes as is
+
+
+def test_every_exif_orientation_turns_like_pillow(tmp_path):
+    from PIL import ImageOps
+
+    rgb = np.random.default_rng(23).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    for orientation in range(1, 9):
+        path = save(tmp_path / f"o{orientation}.png", rgb, exif=_exif(orientation))
+        with Image.open(path) as im:
+            want = np.asarray(ImageOps.exif_transpose(im))
+        np.testing.assert_array_equal(images.load_rgb(path), want)
+        np.testing.assert_array_equal(images.upright(rgb, orientation), want)
+        assert images.exif_orientation(path) == orientation
+
+
+def _png_header_only(width, height, depth=8, colour=2):
+    """A PNG that claims width x height pixels: signature, IHDR, a tiny IDAT, IEND."""
+    def chunk(tag, data):
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_a_bad_image_skipped_with_skip_bad(tmp_path, capsys):
+    bomb = _png_header_only(20000, 20000)
+    assert len(bomb) < 100
+    with pytest.raises(BadImageError, match="20000x20000 is 400000000 pixels, more than"):
+        images.decode_rgb(bomb, "bomb.png")
+    rng = np.random.default_rng(24)
+    hr = tmp_path / "HR"
+    save(hr / "good.png", smooth_image(rng, 16, 16))
+    (hr / "bomb.png").write_bytes(bomb)
+    save(hr / "huge.jpg", smooth_image(rng, 16, 16))
+    base = ["--dataset", "paired", "--name", "b", "--scale", "4", "--hr-dir", str(hr),
+            "--data-dir", str(tmp_path / "d"), "--num-workers", "1"]
+    rc, _, err = _main(base + ["--max-pixels", "200"], capsys)  # 16x16 is 256 pixels
+    assert rc == 1 and "--skip-bad" in err and "more than the limit of 200" in err
+    rc, out, _ = _main(base + ["--skip-bad"], capsys)
+    assert rc == 0 and "skipped 1 bad image(s)" in out and "bomb.png" in out
+    src = open_source("b", "train", 4, data_dir=tmp_path / "d")
+    assert sorted(src[i]["name"] for i in range(len(src))) == ["good", "huge"]
+
+
+def test_pixel_limit_is_the_module_default_for_every_reader(tmp_path, monkeypatch):
+    from iet_jax.evaluation import pictures
+
+    path = save(tmp_path / "a.png", np.zeros((10, 12, 3), np.uint8))
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+    with pytest.raises(BadImageError, match="10x12|12x10"):
+        images.load_rgb(path)
+    with pytest.raises(BadImageError, match="120 pixels"):
+        pictures.read_picture(path)
+    assert images.load_rgb(path, max_pixels=120).shape == (10, 12, 3)
+
+
+def test_huge_16bit_png_header_is_refused_before_decoding(tmp_path):
+    import tracemalloc
+
+    from iet_jax.evaluation import pictures
+
+    path = tmp_path / "deep.png"
+    path.write_bytes(_png_header_only(20000, 20000, depth=16))
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImageError, match="400000000 pixels"):
+            pictures.read_picture(path)
+        with pytest.raises(BadImageError, match="400000000 pixels"):
+            images.load_rgb(path)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 10 << 20
+
+
+def test_truncated_and_junk_files_are_one_line_errors(tmp_path, capsys):
+    from iet_jax.evaluation import pictures
+
+    rng = np.random.default_rng(25)
+    good = save(tmp_path / "g.jpg", smooth_image(rng, 32, 32), quality=90, exif=_exif(6))
+    cases = {"trunc.jpg": good.read_bytes()[:300], "empty.png": b"",
+             "header.png": _png_header_only(16, 16)[:40], "junk.webp": b"RIFF\0\0\0\0WEBP"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        for read in (images.load_rgb, pictures.read_picture):
+            with pytest.raises(BadImageError, match=name):
+                read(tmp_path / name)
+
+
+ESC = "\x1b[32mwrote out.png\x1b[0m"
+
+
+def test_escape_sequences_in_file_names_are_escaped(tmp_path, capsys):
+    rng = np.random.default_rng(26)
+    hr = tmp_path / "HR"
+    save(hr / "good.png", smooth_image(rng, 16, 16))
+    (hr / f"{ESC}.png").write_bytes(b"\x89PNG\r\n\x1a\n junk")
+    base = ["--dataset", "paired", "--name", "e", "--scale", "4", "--hr-dir", str(hr),
+            "--data-dir", str(tmp_path / "d"), "--num-workers", "1"]
+    printed = []
+    rc, out, err = _main(base, capsys)
+    assert rc == 1 and "\\x1b[32mwrote out.png\\x1b[0m.png" in err
+    printed += [out, err]
+    rc, out, err = _main(base + ["--skip-bad"], capsys)
+    assert rc == 0 and "\\x1b[32mwrote" in out
+    printed += [out, err]
+    lr = tmp_path / "LR"
+    save(lr / "other.png", smooth_image(rng, 4, 4))
+    rc, out, err = _main(base + ["--lr-dir", str(lr), "--name", "e2"], capsys)
+    assert rc == 1 and "\\x1b[32mwrote" in err
+    printed += [out, err]
+    for text in printed:
+        assert "\x1b" not in text
+    src = open_source("e", "train", 4, data_dir=tmp_path / "d")
+    assert "\x1b" not in src.description and "\\x1b" in src.description

@@ -15,6 +15,11 @@ unusable images, counting them (printed, and stored in the build's metadata.json
 description); ``--subimage 480`` stores training images as BasicSR-style sub-images (faster
 random patches on 2K images).
 
+Building again with the same source files and options keeps the build (it is up to date);
+with other ones it is refused naming what differs, and ``--overwrite`` rebuilds it. Images
+over ``--max-pixels`` (default 200 million, ``iet_jax.datasets.images.MAX_PIXELS``) are bad
+images: refused from their header before decoding, or skipped with ``--skip-bad``.
+
 TFDS's own ``div2k`` builder also works offline (it needs TensorFlow to build): put the
 official zips, with their original names, in a folder and run
 ``tfds build div2k --config bicubic_x4 --manual_dir FOLDER --data_dir DIR
@@ -28,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from iet_jax.datasets import builders, layouts
+from iet_jax.conventions.text import printable
+from iet_jax.datasets import builders, images, layouts
 from iet_jax.datasets.catalog import BENCHMARKS, default_data_dir
 
 
@@ -49,7 +55,11 @@ def main(argv=None) -> int:
                    help="where builds go (default $IET_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unusable images and count them instead of failing")
-    p.add_argument("--overwrite", action="store_true", help="rebuild an existing build")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild an existing build (needed when its sources or options differ)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="the most pixels (width x height) an image may have; larger ones are "
+                        f"bad images (default {images.MAX_PIXELS})")
     p.add_argument("--num-workers", type=int, default=None, help="decode/resize threads")
     p.add_argument("--subimage", type=int, default=None,
                    help="paired/div2k: store HR sub-images of this size (e.g. 480, as BasicSR's "
@@ -66,6 +76,8 @@ def main(argv=None) -> int:
     for s in scales:
         if s not in (2, 3, 4):
             p.error(f"--scale must be 2, 3, 4 or all, got {s}")
+    if a.max_pixels is not None and a.max_pixels < 1:
+        p.error(f"--max-pixels must be positive, got {a.max_pixels}")
     if a.lr_dir and a.dataset == "paired" and len(scales) > 1:
         p.error("--lr-dir holds one scale's LR images: build one --scale at a time")
     data_dir = Path(a.data_dir).expanduser() if a.data_dir else default_data_dir()
@@ -81,15 +93,18 @@ def main(argv=None) -> int:
         for name in names:
             for s in scales:
                 t0 = time.time()
-                out = builders.build(a.dataset, s, data_dir=data_dir, name=name,
-                                     hr_dirs=a.hr_dir, lr_dirs=a.lr_dir,
-                                     manual_dir=a.manual_dir, skip_bad=a.skip_bad,
-                                     num_workers=a.num_workers, overwrite=a.overwrite,
-                                     subimage=a.subimage, subimage_step=a.subimage_step,
-                                     storage=a.storage)
-                print(f"built {out} in {time.time() - t0:.1f} s")
+                out, built = builders.prepare(
+                    a.dataset, s, data_dir=data_dir, name=name, hr_dirs=a.hr_dir,
+                    lr_dirs=a.lr_dir, manual_dir=a.manual_dir, skip_bad=a.skip_bad,
+                    num_workers=a.num_workers, overwrite=a.overwrite, subimage=a.subimage,
+                    subimage_step=a.subimage_step, storage=a.storage, max_pixels=a.max_pixels)
+                if built:
+                    print(f"built {printable(out, 500)} in {time.time() - t0:.1f} s")
+                else:
+                    print(f"{printable(out, 500)} is up to date (same source files and options; "
+                          "--overwrite rebuilds it)")
     except (FileNotFoundError, ValueError) as e:  # bad folders or images: named in e
-        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        print("error: " + printable(str(e), 2000), file=sys.stderr)
         return 1
     return 0
 

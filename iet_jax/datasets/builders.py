@@ -20,13 +20,22 @@ Builders and their on-disk names (``<data_dir>/<name>/x<s>/1.0.0/``, ``catalog.b
 
 Which files make which pairs is read by ``layouts.py``. ``build(dataset, scale, ...)`` builds one
 dataset at one scale (``python -m iet_jax.datasets.build`` is its command line).
+
+A build records a fingerprint of what it was made from (``SRBuilder.sources``: every source
+file's path, size and modification time, or a zip member's size and CRC, and the options that
+change the examples) in its ``metadata.json``. Building again with the same sources and options
+returns the build as it is; with other ones it is refused (``BuildExistsError``) unless
+``overwrite=True`` (``--overwrite``), so a build never silently holds other data than asked for.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
+import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -35,6 +44,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from iet_jax.conventions import imresize
+from iet_jax.conventions.text import printable
 from iet_jax.datasets import images
 from iet_jax.datasets.catalog import BENCHMARKS, build_name, default_data_dir, new_build_name
 from iet_jax.datasets.layouts import (Item, Source, archive_images, benchmark_layout,
@@ -44,6 +54,11 @@ from iet_jax.datasets.layouts import (Item, Source, archive_images, benchmark_la
 SCALES = (2, 3, 4)
 VERSION = tfds.core.Version("1.0.0")
 STORAGES = ("png", "raw")
+
+
+class BuildExistsError(ValueError):
+    """A build of the dataset exists, made from other sources or options than asked for now."""
+
 
 class SRConfig(tfds.core.BuilderConfig):
     """One config per scale factor."""
@@ -55,8 +70,8 @@ class SRConfig(tfds.core.BuilderConfig):
 
 
 def make_examples(item: Item, scale: int, subimage: int | None = None,
-                  subimage_step: int | None = None,
-                  storage: str = "png") -> list[tuple[str, dict, tuple]]:
+                  subimage_step: int | None = None, storage: str = "png",
+                  max_pixels: int | None = None) -> list[tuple[str, dict, tuple]]:
     """The examples of one item: the whole pair, or its sub-images (BasicSR-style).
 
     With ``subimage`` (an HR size, e.g. 480) the pair is cut into HR crops of that size
@@ -65,14 +80,15 @@ def make_examples(item: Item, scale: int, subimage: int | None = None,
     kept whole. Names get a suffix ``_s001``, ``_s002``, ... Smaller images decode faster,
     which is what makes random-patch training on 2K images fast.
 
-    ``storage='raw'`` stores uncompressed arrays instead of PNG bytes.
+    ``storage='raw'`` stores uncompressed arrays instead of PNG bytes. ``max_pixels`` is the
+    pixel limit of the images read (default ``images.MAX_PIXELS``).
     """
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     if not subimage and storage == "png":
-        example, sizes = _pair(item, scale)[0]
+        example, sizes = _pair(item, scale, max_pixels=max_pixels)[0]
         return [(item.name, example, sizes)]
-    _, hr, lr = _pair(item, scale, encode=False)
+    _, hr, lr = _pair(item, scale, encode=False, max_pixels=max_pixels)
     enc = images.encode_png if storage == "png" else np.ascontiguousarray
     if not subimage:
         return [(item.name, {"hr": enc(hr), "lr": enc(lr), "name": item.name},
@@ -104,13 +120,13 @@ def make_examples(item: Item, scale: int, subimage: int | None = None,
     return out
 
 
-def _pair(item: Item, scale: int, encode: bool = True):
+def _pair(item: Item, scale: int, encode: bool = True, max_pixels: int | None = None):
     hr_bytes = _read(item.hr)
-    hr = images.decode_rgb(hr_bytes, item.hr.name)
+    hr, hr_plain = images.decode_rgb_plain(hr_bytes, item.hr.name, max_pixels)
     H, W = hr.shape[:2]
     if item.lr is not None:
         lr_bytes = _read(item.lr)
-        lr = images.decode_rgb(lr_bytes, item.lr.name)
+        lr, lr_plain = images.decode_rgb_plain(lr_bytes, item.lr.name, max_pixels)
         h, w = lr.shape[:2]
         # HR may exceed LR*s by less than s (HR not cropped to a multiple of s).
         if not (h * scale <= H < (h + 1) * scale and w * scale <= W < (w + 1) * scale):
@@ -121,7 +137,7 @@ def _pair(item: Item, scale: int, encode: bool = True):
         hr_out = hr[: h * scale, : w * scale]
         if not encode:
             return None, hr_out, lr
-        lr_png = lr_bytes if _is_plain_png(lr_bytes, lr) else images.encode_png(lr)
+        lr_png = lr_bytes if lr_plain else images.encode_png(lr)
     else:
         if H < scale or W < scale:
             raise images.BadImageError(item.hr.name,
@@ -131,7 +147,7 @@ def _pair(item: Item, scale: int, encode: bool = True):
         if not encode:
             return None, hr_out, lr
         lr_png = images.encode_png(lr)
-    untouched = hr_out.shape == hr.shape and _is_plain_png(hr_bytes, hr)
+    untouched = hr_out.shape == hr.shape and hr_plain
     hr_png = hr_bytes if untouched else images.encode_png(hr_out)
     example = {"hr": hr_png, "lr": lr_png, "name": item.name}
     return (example, (tuple(lr.shape[:2]), tuple(hr_out.shape[:2]))), hr_out, lr
@@ -142,13 +158,6 @@ def _read(src: Source) -> bytes:
         return src.read()
     except (OSError, KeyError, zipfile.BadZipFile) as e:
         raise images.BadImageError(src.name, f"cannot read ({e})")
-
-
-def _is_plain_png(data: bytes, decoded: np.ndarray) -> bool:
-    """True if ``data`` is an 8-bit RGB PNG (Pillow reads it back as exactly ``decoded``)."""
-    # IHDR colour type 2 = truecolour without alpha; bit depth 8.
-    return (data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 26 and data[24] == 8
-            and data[25] == 2 and decoded.ndim == 3)
 
 
 class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -164,10 +173,12 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def __init__(self, *, skip_bad: bool = False, num_workers: int | None = None,
                  verbose: bool = True, subimage: int | None = None,
-                 subimage_step: int | None = None, storage: str = "png", **kwargs):
+                 subimage_step: int | None = None, storage: str = "png",
+                 max_pixels: int | None = None, **kwargs):
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         self.storage = storage
+        self.max_pixels = max_pixels
         self.skip_bad = skip_bad
         self.subimage = subimage
         self.subimage_step = subimage_step
@@ -175,11 +186,43 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.verbose = verbose
         self.skipped: dict[str, list[dict]] = {}
         self._sizes: dict[str, list] = {}
+        self._listed: dict[str, Sequence[Item]] | None = None
+        self._sources: dict | None = None
         super().__init__(**kwargs)
 
     # Subclasses: the items of each split.
     def _items(self) -> dict[str, Sequence[Item]]:
         raise NotImplementedError
+
+    def items(self) -> dict[str, Sequence[Item]]:
+        """The items of each split, listed once."""
+        if self._listed is None:
+            self._listed = self._items()
+        return self._listed
+
+    def options(self) -> dict:
+        """The build options that change the examples."""
+        step = (self.subimage_step or self.subimage // 2) if self.subimage else None
+        return {"builder": type(self).__name__, "name": self.name, "scale": self.scale,
+                "version": str(self.VERSION), "storage": self.storage,
+                "subimage": self.subimage or None, "subimage_step": step}
+
+    def sources(self) -> dict:
+        """The fingerprint of what the build is made from: a SHA-256 of the options and of
+        every item's name and its sources' stamps (``layouts.Source.stamp``), the number of
+        source files, and the options."""
+        if self._sources is None:
+            digest = hashlib.sha256(json.dumps(self.options(), sort_keys=True).encode())
+            files = 0
+            for split, items in sorted(self.items().items()):
+                for it in items:
+                    entry = [split, it.name, list(it.hr.stamp),
+                             list(it.lr.stamp) if it.lr is not None else None]
+                    digest.update(json.dumps(entry).encode() + b"\n")
+                    files += 1 + (it.lr is not None)
+            self._sources = {"fingerprint": digest.hexdigest(), "files": files,
+                             "options": self.options()}
+        return self._sources
 
     def _info(self) -> tfds.core.DatasetInfo:
         if self.storage == "raw":  # uncompressed: bigger, but no PNG decoding when read
@@ -208,7 +251,8 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if self.subimage % self.scale or step % self.scale:
                 raise ValueError(f"sub-image size {self.subimage} and step {step} must be "
                                  f"multiples of the scale {self.scale}")
-        splits = self._items()
+        self.sources()
+        splits = self.items()
         for split, items in splits.items():
             if not items:
                 raise FileNotFoundError(f"{self.name}: no images found for split {split!r}")
@@ -221,22 +265,22 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
         def work(it):
             return _try_examples(it, self.scale, self.subimage, self.subimage_step,
-                                 self.storage)
+                                 self.storage, self.max_pixels)
 
         for item, result in _ordered_map(work, items, self.num_workers):
             if isinstance(result, images.BadImageError):
                 if not self.skip_bad:
                     raise images.BadImageError(
-                        result.path, result.reason + "\n(build with --skip-bad / "
-                        "skip_bad=True to skip bad images and count them)") from result
+                        result.path, result.reason + "; build with --skip-bad (skip_bad=True) "
+                        "to skip bad images and count them") from result
                 skipped.append({"name": item.name, "file": result.path, "reason": result.reason})
                 if self.verbose:
                     print(f"skipping {result}")
                 continue
             for name, example, (lr_hw, hr_hw) in result:
                 if name in names:
-                    raise ValueError(f"{self.name}: two images are named {name!r} in split "
-                                     f"{split!r}; image names must be unique")
+                    raise ValueError(f"{self.name}: two images are named {printable(name)!r} in "
+                                     f"split {split!r}; image names must be unique")
                 names.add(name)
                 sizes.append([name, list(lr_hw), list(hr_hw)])
                 yield name, example
@@ -244,6 +288,7 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _record_metadata(self):
         md = self.info.metadata
+        md["sources"] = self.sources()
         md["scale"] = self.scale
         md["num_skipped"] = {s: len(v) for s, v in self.skipped.items()}
         md["skipped"] = self.skipped
@@ -260,7 +305,7 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                      f"{self.subimage_step or self.subimage // 2} px.")
         if total:
             desc += (f"\nSkipped {total} bad image(s) while building: "
-                     + ", ".join(f"{d['file']} ({d['reason']})"
+                     + ", ".join(printable(f"{d['file']} ({d['reason']})", 500)
                                  for v in self.skipped.values() for d in v))
         self.info.as_proto.description = desc
 
@@ -272,9 +317,9 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             print(f"{self.name}/{self.builder_config.name}: skipped {total} bad image(s)")
 
 
-def _try_examples(item: Item, scale: int, subimage, subimage_step, storage):
+def _try_examples(item: Item, scale: int, subimage, subimage_step, storage, max_pixels):
     try:
-        return make_examples(item, scale, subimage, subimage_step, storage)
+        return make_examples(item, scale, subimage, subimage_step, storage, max_pixels)
     except images.BadImageError as e:
         return e
 
@@ -411,7 +456,8 @@ class BenchmarkBuilder(SRBuilder, skip_registration=True):
             layout, items = benchmark_layout(folder, self.scale)
         self.DESCRIPTION = f"{self.bench} benchmark from {folder} (layout: {layout})."
         if self.verbose:
-            print(f"{self.bench}: {len(items)} images in {folder} (layout: {layout})")
+            print(printable(f"{self.bench}: {len(items)} images in {folder} (layout: {layout})",
+                            1000))
         return {"test": items}
 
 
@@ -446,8 +492,8 @@ class Div2kBuilder(SRBuilder, skip_registration=True):
         hr = archive_images(self.div2k_manual_dir, f"DIV2K_{tag}_HR", "")
         if not hr:
             raise FileNotFoundError(
-                f"DIV2K {tag} HR images not found in {self.div2k_manual_dir}: expected "
-                f"DIV2K_{tag}_HR.zip or the folder DIV2K_{tag}_HR/")
+                f"DIV2K {tag} HR images not found in {printable(self.div2k_manual_dir, 500)}: "
+                f"expected DIV2K_{tag}_HR.zip or the folder DIV2K_{tag}_HR/")
         lr = archive_images(self.div2k_manual_dir, f"DIV2K_{tag}_LR_bicubic_X{s}",
                       f"DIV2K_{tag}_LR_bicubic/X{s}")
         if not lr and self.verbose:
@@ -458,7 +504,8 @@ class Div2kBuilder(SRBuilder, skip_registration=True):
             if lr:
                 lr_src = lr.get(f"{stem}x{s}") or lr.get(stem)
                 if lr_src is None:
-                    raise FileNotFoundError(f"no LR image {stem}x{s}.png for {src.name}")
+                    raise FileNotFoundError(printable(f"no LR image {stem}x{s}.png for "
+                                                      f"{src.name}", 1000))
             items.append(Item(stem, src, lr_src))
         return items
 
@@ -467,13 +514,13 @@ class Div2kBuilder(SRBuilder, skip_registration=True):
 
 def make_builder(dataset: str, scale: int, *, data_dir, name=None, hr_dirs=(), lr_dirs=(),
                  manual_dir=None, skip_bad=False, num_workers=None, verbose=True,
-                 subimage=None, subimage_step=None, storage="png"):
+                 subimage=None, subimage_step=None, storage="png", max_pixels=None):
     """The builder for one dataset and scale (not yet built)."""
     if subimage and dataset not in ("paired", "div2k"):
         raise SystemExit("--subimage is for training sets (--dataset paired or div2k)")
     common = dict(config=f"x{scale}", data_dir=str(data_dir), skip_bad=skip_bad,
                   num_workers=num_workers, verbose=verbose, subimage=subimage,
-                  subimage_step=subimage_step, storage=storage)
+                  subimage_step=subimage_step, storage=storage, max_pixels=max_pixels)
     if dataset == "demo":
         return DemoBuilder(**common)
     if dataset == "paired":
@@ -498,12 +545,53 @@ def make_builder(dataset: str, scale: int, *, data_dir, name=None, hr_dirs=(), l
     raise SystemExit(f"unknown --dataset {dataset!r}")
 
 
-def build(dataset: str, scale: int, *, data_dir=None, overwrite=False, **kwargs) -> Path:
-    """Build one dataset at one scale; returns the build directory."""
+def prepare(dataset: str, scale: int, *, data_dir=None, overwrite=False,
+            **kwargs) -> tuple[Path, bool]:
+    """Build one dataset at one scale unless an identical build exists.
+
+    Returns ``(build directory, built now)``. An existing build made from the same sources
+    and options (``SRBuilder.sources``) is kept as it is; one made from others raises
+    ``BuildExistsError`` (one line: what differs, and ``--overwrite``), or is rebuilt with
+    ``overwrite=True``. ``overwrite=True`` always rebuilds.
+    """
     data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
     b = make_builder(dataset, scale, data_dir=data_dir, **kwargs)
-    if overwrite and Path(b.data_dir).exists():
-        import shutil
-        shutil.rmtree(b.data_dir)
+    out = Path(b.data_dir)
+    if out.exists():
+        if not overwrite:
+            _check_same_sources(out, b)
+            return out, False
+        shutil.rmtree(out)
+        b = make_builder(dataset, scale, data_dir=data_dir, **kwargs)  # without the old info
     b.download_and_prepare(file_format="array_record")
-    return Path(b.data_dir)
+    return Path(b.data_dir), True
+
+
+def build(dataset: str, scale: int, *, data_dir=None, overwrite=False, **kwargs) -> Path:
+    """Build one dataset at one scale (see ``prepare``); returns the build directory."""
+    return prepare(dataset, scale, data_dir=data_dir, overwrite=overwrite, **kwargs)[0]
+
+
+def _check_same_sources(out: Path, b: SRBuilder) -> None:
+    """Raise ``BuildExistsError`` unless the build in ``out`` has ``b``'s sources."""
+    where = printable(out, 500)
+    fix = "add --overwrite (overwrite=True) to rebuild it, or build under another --name"
+    try:
+        stored = json.loads((out / "metadata.json").read_text()).get("sources")
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    if not isinstance(stored, dict) or "fingerprint" not in stored:
+        raise BuildExistsError(f"{where} exists but records no fingerprint of its sources (an "
+                               f"older or unfinished build), so it may hold other data: {fix}")
+    now = b.sources()
+    if stored["fingerprint"] == now["fingerprint"]:
+        return
+    then_opts, now_opts = stored.get("options") or {}, now["options"]
+    changed = [f"{k} {then_opts.get(k)} then, {now_opts[k]} now" for k in now_opts
+               if then_opts.get(k) != now_opts[k]]
+    if changed:
+        what = "other options (" + "; ".join(changed) + ")"
+    else:
+        what = (f"other source files ({stored.get('files')} then, {now['files']} now; added, "
+                "removed, moved or modified files)")
+    raise BuildExistsError(f"{where} was built from {what}: {fix}")

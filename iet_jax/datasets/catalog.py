@@ -14,6 +14,8 @@ import re
 import shlex
 from pathlib import Path
 
+from iet_jax.conventions.text import printable
+
 BENCHMARKS = ("set5", "set14", "b100", "urban100", "manga109")
 
 
@@ -25,7 +27,7 @@ class DatasetNotBuiltError(FileNotFoundError):
         super().__init__(command)
 
     def __str__(self) -> str:
-        return self.command
+        return printable(self.command, 2000)
 
 
 def default_data_dir() -> Path:

@@ -15,6 +15,7 @@ examples:
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from iet_jax.conventions.text import printable
 from iet_jax.datasets import images
 from iet_jax.datasets.catalog import BENCHMARKS
 
@@ -37,26 +39,48 @@ BENCHMARK_ALIASES = {
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where one image's bytes come from: a file, or a member of a zip archive."""
+    """Where one image's bytes come from: a file, or a member of a zip archive.
+
+    ``stamp`` identifies the content for a build's fingerprint of its sources: a file's
+    absolute path, size and modification time; a zip member's archive, name, size and CRC.
+    """
 
     name: str                       # shown in messages
     read: Callable[[], bytes]
+    stamp: tuple = ()
 
     @classmethod
     def file(cls, path: Path) -> "Source":
         path = Path(path)
-        return cls(str(path), path.read_bytes)
+        try:
+            st = path.stat()
+            stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        except OSError:  # reading it will say what is wrong
+            stamp = (os.path.abspath(path),)
+        return cls(str(path), path.read_bytes, stamp)
 
     @classmethod
-    def zip_member(cls, zip_path: Path, member: str) -> "Source":
+    def zip_member(cls, zip_path: Path, member: str, info: zipfile.ZipInfo | None = None
+                   ) -> "Source":
         def read() -> bytes:
             with zipfile.ZipFile(zip_path) as zf:
-                return zf.read(member)
-        return cls(f"{zip_path}:{member}", read)
+                found = zf.getinfo(member)
+                # An image under the pixel limit needs at most 8 bytes a pixel (16-bit RGBA).
+                most = 8 * images.pixel_limit() + (1 << 20)
+                if found.file_size > most:
+                    raise images.BadImageError(
+                        f"{zip_path}:{member}", f"{found.file_size} bytes, more than any image "
+                        "under the pixel limit needs")
+                with zf.open(found) as f:
+                    return f.read(found.file_size)  # inflated no further than declared
+        stamp = (os.path.abspath(zip_path), member)
+        if info is not None:
+            stamp += (info.file_size, info.CRC)
+        return cls(f"{zip_path}:{member}", read, stamp)
 
     @classmethod
     def array(cls, name: str, fn: Callable[[], np.ndarray]) -> "Source":
-        return cls(name, lambda: images.encode_png(np.asarray(fn(), np.uint8), 1))
+        return cls(name, lambda: images.encode_png(np.asarray(fn(), np.uint8), 1), (name,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +90,11 @@ class Item:
     name: str
     hr: Source
     lr: Source | None = None
+
+
+def _missing(message: str) -> FileNotFoundError:
+    """A FileNotFoundError whose message quotes file names safely (``printable``)."""
+    return FileNotFoundError(printable(message, 2000))
 
 
 # --------------------------------------------------------------------------- folders
@@ -89,7 +118,7 @@ def pair_folders(hr_dir, lr_dir, scale: int, *, strict_lr: bool = True) -> list[
     """
     hr_files = images.list_images(hr_dir)
     if not hr_files:
-        raise FileNotFoundError(f"no images in {hr_dir}")
+        raise _missing(f"no images in {hr_dir}")
     lr_by_stem = {}
     if lr_dir is not None:
         for p in images.list_images(lr_dir):
@@ -103,7 +132,7 @@ def pair_folders(hr_dir, lr_dir, scale: int, *, strict_lr: bool = True) -> list[
                     lr = lr_by_stem[cand]
                     break
             if lr is None and strict_lr:
-                raise FileNotFoundError(
+                raise _missing(
                     f"no LR image for {p} in {lr_dir} (looked for "
                     f"{', '.join(_lr_candidates(p.stem, scale)[:3])}, ... with any image "
                     "extension)")
@@ -120,7 +149,7 @@ def _norm(s: str) -> str:
 def _manual_root(manual_dir) -> Path:
     root = Path(manual_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"manual_dir {root} is not a folder")
+        raise _missing(f"manual_dir {root} is not a folder")
     return root
 
 
@@ -200,39 +229,39 @@ def official_items(root: Path, bench: str, scale: int) -> tuple[Path, str, list[
     hr_sets = official_sets(root)
     if bench not in hr_sets:
         have = ", ".join(hr_sets) or "none"
-        raise FileNotFoundError(
+        raise _missing(
             f"{hr_root} has no folder for {bench} (official layout: {hr_root}/<Set>/x{scale}/; "
             f"benchmarks there: {have}): add it, or build one of those")
     hr_set = hr_sets[bench]
     lr_set = next((p for p in _subdirs(lr_root).values()
                    if _norm(p.name) in BENCHMARK_ALIASES[bench]), None)
     if lr_set is None:
-        raise FileNotFoundError(
+        raise _missing(
             f"{hr_set} has no LR folder {lr_root / hr_set.name}: put the x{scale} bicubic LR "
             f"images in {lr_root / hr_set.name / f'x{scale}'}, named as the HR files")
     scales = sorted(n for n in _subdirs(hr_set) if re.fullmatch(r"x\d+", n))
     hr_dir = _subdirs(hr_set).get(f"x{scale}")
     if hr_dir is None:
-        raise FileNotFoundError(
+        raise _missing(
             f"{hr_set} has no x{scale} folder (it has {', '.join(scales) or 'none'}): add "
             f"{hr_set / f'x{scale}'} and {lr_set / f'x{scale}'}, or build another --scale")
     lr_dir = _subdirs(lr_set).get(f"x{scale}")
     if lr_dir is None:
-        raise FileNotFoundError(
+        raise _missing(
             f"{lr_set} has no x{scale} folder for {hr_dir}: add {lr_set / f'x{scale}'} with "
             f"the x{scale} bicubic LR images, named as the HR files")
     hr_files = {p.name: p for p in images.list_images(hr_dir)}
     lr_files = {p.name: p for p in images.list_images(lr_dir)}
     if not hr_files:
-        raise FileNotFoundError(f"no images in {hr_dir}: put the HR images of {bench} there")
+        raise _missing(f"no images in {hr_dir}: put the HR images of {bench} there")
     for name, p in hr_files.items():
         if name not in lr_files:
-            raise FileNotFoundError(
+            raise _missing(
                 f"no LR image for {p}: expected {lr_dir / name} (same file name); add it or "
                 "remove the HR image")
     for name, p in lr_files.items():
         if name not in hr_files:
-            raise FileNotFoundError(
+            raise _missing(
                 f"LR image {p} has no HR image {hr_dir / name} (same file name); add it or "
                 "remove the LR image")
     items = [Item(p.stem, Source.file(p), Source.file(lr_files[name]))
@@ -277,10 +306,10 @@ def benchmark_layout(folder, scale: int) -> tuple[str, list[Item]]:
     if images.list_images(folder):
         return "images in the folder (HR only)", pair_folders(folder, None, scale)
     if any(re.fullmatch(r"x\d+", n) for n in sub):
-        raise FileNotFoundError(
+        raise _missing(
             f"{folder} holds x<s> folders, as the official TestDataSR/HR/<Set>/: give "
             "--manual-dir the TestDataSR folder (the one with HR/ and LR/LRBI/)")
-    raise FileNotFoundError(
+    raise _missing(
         f"no benchmark images found in {folder}: expected HR/ (+ LR_bicubic/X{scale}/), "
         f"GTmod12/ (+ LRbicx{scale}/), image_SRF_{scale}/ with *_HR/*_LR files, or images "
         "directly in the folder")
@@ -291,14 +320,14 @@ def _srf_items(folder: Path, scale: int, with_lr: bool) -> list[Item]:
     hr = {p.stem[: -len("_HR")]: p for p in files if p.stem.endswith("_HR")}
     lr = {p.stem[: -len("_LR")]: p for p in files if p.stem.endswith("_LR")}
     if not hr:
-        raise FileNotFoundError(f"no *_HR images in {folder}")
+        raise _missing(f"no *_HR images in {folder}")
     items = []
     for stem in sorted(hr):
         name = re.sub(r"_SRF_\d+$", "", stem)
         lr_src = None
         if with_lr:
             if stem not in lr:
-                raise FileNotFoundError(f"no LR image {stem}_LR.* for {hr[stem]} in {folder}")
+                raise _missing(f"no LR image {stem}_LR.* for {hr[stem]} in {folder}")
             lr_src = Source.file(lr[stem])
         items.append(Item(name, Source.file(hr[stem]), lr_src))
     return items
@@ -312,9 +341,10 @@ def archive_images(root: Path, archive: str, inner: str) -> dict[str, Source]:
     zip_path = root / f"{archive}.zip"
     if zip_path.is_file():
         with zipfile.ZipFile(zip_path) as zf:
-            for m in zf.namelist():
+            for info in zf.infolist():
+                m = info.filename
                 if m.lower().endswith(".png") and not m.endswith("/"):
-                    out[Path(m).stem] = Source.zip_member(zip_path, m)
+                    out[Path(m).stem] = Source.zip_member(zip_path, m, info)
         return out
     for folder in (root / archive, root / inner if inner else None,
                    root / archive / inner if inner else None,

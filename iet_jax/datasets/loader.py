@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from iet_jax.conventions.text import printable
+
 STATE_VERSION = 1
 _PERM_TAG = 0x5EED_0001
 _SAMPLE_TAG = 0x5EED_0002
@@ -98,7 +100,7 @@ class PairedPatchLoader:
             p = self.patch_size
             small = [i for i, (h, w) in enumerate(sizes) if h < p or w < p]
             if small:
-                desc = [f"{names[i] if names else i} (LR {sizes[i][0]}x{sizes[i][1]})"
+                desc = [f"{printable(names[i]) if names else i} (LR {sizes[i][0]}x{sizes[i][1]})"
                         for i in small]
                 if small_images == "error":
                     shown = ", ".join(desc[:10]) + (" ..." if len(desc) > 10 else "")
@@ -149,7 +151,7 @@ class PairedPatchLoader:
             return self._cache[idx]
         ex = self.source[idx]
         hr, lr = np.asarray(ex["hr"]), np.asarray(ex["lr"])
-        name = str(ex.get("name", idx))
+        name = printable(str(ex.get("name", idx)))
         if hr.dtype != np.uint8 or lr.dtype != np.uint8 or hr.ndim != 3 or lr.ndim != 3:
             raise ValueError(f"image {name}: expected uint8 (H, W, 3) arrays, got hr "
                              f"{hr.dtype}{hr.shape} lr {lr.dtype}{lr.shape}")

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from iet_jax.conventions.text import printable
 from iet_jax.datasets import builders
 from iet_jax.datasets.catalog import (DatasetNotBuiltError, build_command, default_data_dir,
                                       default_split, find_build)
@@ -35,7 +36,8 @@ class PairedSource(Sequence):
         builder = tfds.builder_from_directory(str(self.build_dir))
         splits = list(builder.info.splits.keys())
         if split not in splits:
-            raise ValueError(f"{self.name} has no split {split!r}; it has {', '.join(splits)}")
+            raise ValueError(f"{printable(self.name)} has no split {split!r}; it has "
+                             f"{', '.join(splits)}")
         self._ds = builder.as_data_source(split=split)
         self._has_name = "name" in builder.info.features.keys()
         self.description = builder.info.description

@@ -25,7 +25,8 @@ from typing import Iterator
 import numpy as np
 
 from iet_jax.conventions.text import shown
-from iet_jax.datasets.images import png_bit_depth
+from iet_jax.datasets.images import (check_pixels, exif_orientation, open_image, png_header,
+                                     upright)
 from iet_jax.evaluation import inference
 
 
@@ -58,18 +59,27 @@ def _read_png16(path: Path) -> Picture:
     return Picture(np.ascontiguousarray(rgb), alpha, gray, 16, "PNG")
 
 
-def read_picture(path: str | Path) -> Picture:
-    """Read a PNG / JPEG / WebP file (8 or 16 bits, gray or color, with or without alpha)."""
-    from PIL import Image, ImageOps
+def read_picture(path: str | Path, max_pixels: int | None = None) -> Picture:
+    """Read a PNG / JPEG / WebP file (8 or 16 bits, gray or color, with or without alpha).
 
+    Read as the dataset builders read images (``datasets.images``): the size is checked
+    against the pixel limit (``max_pixels``, default ``images.MAX_PIXELS``) from the header,
+    before decoding, and the picture is turned upright as its EXIF orientation says.
+    """
     path = Path(path)
     with open(path, "rb") as f:
-        if png_bit_depth(f.read(29)) == 16:
-            return _read_png16(path)
-    with Image.open(path) as im:
-        im.load()
+        header = png_header(f.read(29))
+    if header is not None and header[2] == 16:
+        check_pixels(header[0], header[1], path, max_pixels)
+        pic = _read_png16(path)
+        turn = exif_orientation(path, max_pixels=max_pixels)
+        if turn != 1:
+            alpha = None if pic.alpha is None else np.ascontiguousarray(upright(pic.alpha, turn))
+            pic = dataclasses.replace(pic, rgb=np.ascontiguousarray(upright(pic.rgb, turn)),
+                                      alpha=alpha)
+        return pic
+    with open_image(path, max_pixels=max_pixels) as im:  # size checked, decoded, upright
         fmt = im.format if im.format in SAVE_OPTIONS else "PNG"
-        im = ImageOps.exif_transpose(im)
         mode = im.mode
         if mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
