@@ -181,6 +181,21 @@ def open_image(source, name: str | None = None, max_pixels: int | None = None):
         yield im
 
 
+def _rgb_array(im) -> np.ndarray:
+    """The pixels of a decoded RGB image as uint8 (H, W, 3), copied strip by strip.
+
+    ``np.asarray(im)`` goes through ``im.tobytes()``, which holds the encoded chunks and
+    their join at once: three copies of the image; strips keep it at two.
+    """
+    width, height = im.size
+    out = np.empty((height, width, 3), np.uint8)
+    step = max(1, (16 << 20) // (3 * width or 1))
+    for y in range(0, height, step):
+        strip = im.crop((0, y, width, min(height, y + step)))
+        out[y:y + step] = np.frombuffer(strip.tobytes(), np.uint8).reshape(-1, width, 3)
+    return out
+
+
 def decode_rgb_plain(data: bytes, name: str = "<bytes>",
                      max_pixels: int | None = None) -> tuple[np.ndarray, bool]:
     """``decode_rgb``, and whether ``data`` is the 8-bit RGB PNG of exactly these pixels
@@ -203,7 +218,7 @@ def decode_rgb_plain(data: bytes, name: str = "<bytes>",
                 im = im.convert("RGBA")
             if im.mode != "RGB":
                 im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = _rgb_array(im)
         except (OSError, SyntaxError, ValueError, struct.error, EOFError) as e:
             raise BadImageError(name, f"corrupt or truncated image ({e})") from None
     if arr.ndim != 3 or arr.shape[2] != 3:
