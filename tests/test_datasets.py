@@ -754,3 +754,8 @@ def test_escape_sequences_in_file_names_are_escaped(tmp_path, capsys):
         assert "\x1b" not in text
     src = open_source("e", "train", 4, data_dir=tmp_path / "d")
     assert "\x1b" not in src.description and "\\x1b" in src.description
+    odd = tmp_path / f"HR{ESC}"  # a folder name quoted in the description
+    save(odd / "a.png", smooth_image(rng, 16, 16))
+    build("paired", 4, tmp_path / "d", name="e3", hr_dirs=[odd])
+    src = open_source("e3", "train", 4, data_dir=tmp_path / "d")
+    assert "\x1b" not in src.description and "HR\\x1b[32mwrote" in src.description

@@ -299,7 +299,7 @@ class SRBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             md["subimage"] = {"size": self.subimage,
                               "step": self.subimage_step or self.subimage // 2}
         total = sum(len(v) for v in self.skipped.values())
-        desc = self.DESCRIPTION
+        desc = printable(self.DESCRIPTION, 2000)  # it quotes folder names
         if self.subimage:
             desc += (f" Cut into HR sub-images of {self.subimage} px every "
                      f"{self.subimage_step or self.subimage // 2} px.")
