@@ -9,7 +9,8 @@ Build with ``python -m iet_jax.datasets.build`` (see ``build.py``); read with
 - ``sources``: ``open_source`` and ``PairedSource``, reading a build.
 - ``layouts``: which files of a downloaded or hand-made folder make which HR/LR pairs.
 - ``builders``: the TFDS builders and ``build``.
-- ``images``: strict image decoding and encoding.
+- ``images``: strict, bounded image reading (a pixel limit checked from the header, EXIF
+  orientation honoured) and encoding; ``open_image`` is also upscale's reader.
 - ``loader``: random training patches from a source (``PairedPatchLoader``).
 """
 

@@ -98,7 +98,8 @@ def _open(source, name: str, limit: int):
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
     except Image.DecompressionBombError:
-        raise BadImageError(name, f"more than twice the limit of {limit} pixels (a "
+        over = 2 * max(saved or 0, limit)  # Pillow refuses above twice its own limit
+        raise BadImageError(name, f"more than {over} pixels, more than the limit of {limit} (a "
                                   "decompression bomb? if the image is genuine, raise the "
                                   "limit: --max-pixels)") from None
     except UnidentifiedImageError:
