@@ -30,4 +30,6 @@ Imports point one way (checked by tests/test_imports.py, which reads every modul
 Modules of one room may import each other; there are no import cycles between modules; and
 iet_jax is imported at the top of a module, never inside a function (a function may defer a
 heavy third-party import).
+
+The rooms, the arrows and the data flow are described in docs/architecture.md.
 """

@@ -7,4 +7,6 @@
   messages: `shown` escapes what is not printable, `printable` also cuts long text.
 
 NumPy and the standard library only; imports nothing else from iet_jax.
+
+The conventions themselves are written down in docs/conventions.md.
 """

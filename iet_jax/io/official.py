@@ -9,6 +9,8 @@ an official state dict.
 `.pth` files are read by `iet_jax.io.pth` without torch and without running any code from the
 file. Every official key must be used and every parameter filled; otherwise the error lists
 the keys and shapes that do not match.
+
+The key map and layout conversions, as tables: docs/conventions.md.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ sequential already).
 
 Under a mesh (`jax.set_mesh`) the Pallas primitives run inside `jax.shard_map`, split along
 the leading (batch) axis over the mesh axes named in `BATCH_AXES`.
+
+The attention around these two calls is described in docs/attention.md.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ and the last layer of some blocks grows the lists by two-hop propagation.
 
 Which of these steps a layer performs depends only on the config, so `build_plan` decides it
 once, in Python, and the model code follows the plan.
+
+Step by step, with shapes: docs/attention.md.
 """
 
 from __future__ import annotations
