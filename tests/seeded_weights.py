@@ -30,8 +30,8 @@ def seeded_state_dict(shapes: dict[str, tuple[int, ...]],
                       scales: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """All seeded weights; `scales` multiplies the keys ending in each suffix by its factor.
 
-    The sharp-attention fixtures use {"wqkv.weight": 3.0}: three times larger query, key and
-    value projections, so that consecutive layers can attend to nearly disjoint candidates.
+    The sharp-attention fixtures use {"wqkv.weight": 6.0} (or 6.5): much larger query, key
+    and value projections, so that consecutive layers can attend to nearly disjoint candidates.
     """
     state = {}
     for name, shape in shapes.items():
