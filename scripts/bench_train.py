@@ -18,41 +18,28 @@ import argparse
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from iet_jax.model import config as config_lib
-from iet_jax.model.network import abstract_model
 from iet_jax.training import optim, sharding
 from iet_jax.training import state as ts
 from iet_jax.training.config import model_config_for_training, recipe
-from iet_jax.training.step import make_train_step
+from iet_jax.training.step import compile_train_step
 
 import benchmarking  # scripts/benchmarking.py, a sibling of this script
 
 
 def build_step(cfg, batch: int, patch: int):
-    """(jitted step, initial state, batch arrays) for a training config."""
+    """(mesh, jitted step, initial state, batch arrays) for a training config: the loop's
+    own state creator and step (`create_train_state`, `compile_train_step`)."""
     model_cfg = model_config_for_training(cfg)
-    graphdef, _ = nnx.split(abstract_model(model_cfg))
     tx, schedule = optim.make_optimizer(cfg.optim)
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        def create():  # inside jit, so params and EMA get buffers of their own (donation)
-            params = ts.init_params(model_cfg, 0)
-            return ts.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
-                                 opt_state=tx.init(params),
-                                 rng=jax.random.key_data(jax.random.key(0)),
-                                 skipped=jnp.zeros((), jnp.int32))
-
+        create = ts.create_train_state(model_cfg, cfg, tx)
         shardings = sharding.state_shardings(jax.eval_shape(create), mesh, cfg.param_sharding)
         state = jax.jit(create, out_shardings=shardings)()
-        step = jax.jit(make_train_step(cfg, graphdef, tx, schedule,
-                                             jnp.dtype(model_cfg.dtype)),
-                       in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                       out_shardings=(shardings, sharding.replicated(mesh)),
-                       donate_argnums=(0,))
+        step = compile_train_step(cfg, model_cfg, tx, schedule, shardings, mesh)
         rng = np.random.default_rng(0)
         s = model_cfg.scale
         data = {"lr": rng.random((batch, patch, patch, 3), np.float32),

@@ -77,7 +77,7 @@ def read_item(workdir, step: int, item: str):
     return jax.tree.map(np.asarray, out)
 
 
-def test_tiny_run(tmp_path, monkeypatch):
+def test_tiny_run(tmp_path):
     """One compiled run serves all checks (pytest-xdist would rebuild a shared fixture)."""
     workdir = tmp_path / "train"
     cfg = tiny_config(steps=8)
@@ -134,13 +134,14 @@ def test_tiny_run(tmp_path, monkeypatch):
                 out["lr"] = np.full_like(out["lr"], np.nan)
             return out
 
-    monkeypatch.setattr(loader_lib, "PairedPatchLoader", Poisoned)
     cfg.num_steps, cfg.eval_every = 11, 0
     with pytest.raises(NonFiniteError, match="at step 10 "):
-        train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
+        train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0),
+                           make_loader=Poisoned)
     assert workdir_lib.workdir_steps(workdir)[-1] == 9
     cfg.nonfinite = "skip"
-    skipped = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
+    skipped = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0),
+                                 make_loader=Poisoned)
     assert skipped["start_step"] == 9 and skipped["step"] == 11 and skipped["skipped"] == 1
     params = read_item(workdir, 11, "params")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

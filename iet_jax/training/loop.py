@@ -1,14 +1,22 @@
 """The training loop: `train_and_evaluate(config, workdir)` trains or resumes a run.
 
-It checks the config, opens the data, builds the mesh and the train state (fresh, from
-`init_from`, or restored from the workdir's latest checkpoint), compiles the step, and then
-steps, logs, validates and checkpoints until `num_steps`.
+Its parts, in the order it calls them:
+
+- `prepare_run`: checks the config, opens the data, builds the mesh, the optimiser and the
+  state's shardings, and writes the config files into the workdir (a `Run`).
+- `open_loader`: the training patches (`make_loader` replaces `PairedPatchLoader`).
+- `restore_or_initialise`: the workdir's latest checkpoint, or a fresh state (`init_from`).
+- `compile_train_step` (in `step`): the jitted, donating train step.
+- `StepMonitor`: fetches each step's metrics one step late, logs them, and stops on
+  non-finite values (`config.nonfinite`).
+- `validate` and `save_checkpoint`: every `eval_every` / `checkpoint_every` steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +34,8 @@ from iet_jax.training import state as ts
 from iet_jax.training.config import ConfigError, validate_config
 from iet_jax.training.init import load_init_params
 from iet_jax.training.metrics_log import Logger
-from iet_jax.training.step import make_train_step
+from iet_jax.training.step import compile_train_step
 from iet_jax.training.validation import Validator
-
-_STEP_CACHE: dict = {}  # the last jitted train step (compiled once per config and process)
-
 
 class NonFiniteError(FloatingPointError):
     """Loss or gradients became NaN/inf (config.nonfinite = 'stop')."""
@@ -54,14 +59,29 @@ def open_sources(config: ml_collections.ConfigDict):
     return train, val
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
-                       train_source=None, val_source=None, devices: Sequence | None = None,
-                       ) -> dict:
-    """Train (or resume) in `workdir`. Sources default to `iet_jax.datasets.open_source`.
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What `prepare_run` settles before any state exists."""
 
-    Returns a summary: final step, the (step, loss) history of this invocation, the last
-    validation scores and the bicubic reference.
-    """
+    config: ml_collections.ConfigDict
+    workdir: Path
+    model_cfg: Any  # the validated model config
+    train_source: Any
+    val_source: Any  # None: no validation
+    mesh: jax.sharding.Mesh
+    lead: bool  # process 0: writes files and logs
+    tx: Any
+    schedule: Any
+    create: Callable  # the fresh train state (`state.create_train_state`)
+    shardings: Any  # the train state's shardings (a TrainState tree)
+    batch_sharding: Any
+
+
+def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path,
+                devices: Sequence | None = None, *, train_source=None, val_source=None) -> Run:
+    """Check the config, open the sources (unless given), build the mesh, the optimiser and
+    the state's shardings, and write config.json and the training config into `workdir`.
+    Every refusal (`ConfigError`) comes before anything is written."""
     workdir = Path(workdir).absolute()
     if devices is None:
         sharding_lib.maybe_initialize_distributed(config.distributed)
@@ -77,131 +97,189 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / stored.CONFIG_FILE).write_text(stored.config_to_json(model_cfg))
         (workdir / workdir_lib.TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-
-    compute_dtype = jnp.dtype(model_cfg.dtype)
-    graphdef, _ = nnx.split(abstract_model(model_cfg))
     tx, schedule = optim_lib.make_optimizer(config.optim)
-
-    def create():
-        seed = config.seed
-        params = ts.init_params(model_cfg, seed)
-        return ts.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32))
-
+    create = ts.create_train_state(model_cfg, config, tx)
     with jax.set_mesh(mesh):
-        abstract = jax.eval_shape(create)
-        shardings = sharding_lib.state_shardings(abstract, mesh, config.param_sharding)
+        shardings = sharding_lib.state_shardings(jax.eval_shape(create), mesh,
+                                                 config.param_sharding)
         batch_sharding = sharding_lib.batch_sharding(mesh)
-        replicated = sharding_lib.replicated(mesh)
-        checkpoints = workdir_lib.Checkpoints(workdir, keep=config.keep_checkpoints,
-                                     async_save=config.async_checkpointing,
-                                     keep_best=bool(config.eval_every))
-        loader = loader_lib.PairedPatchLoader(
-            train_source, scale=config.data.scale, patch_size=config.data.patch_size,
-            global_batch_size=config.batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            augment=config.data.augment)
-        start = checkpoints.latest_step()
-        if start is not None:
-            like = ts.abstract_like(abstract, shardings)
-            items, loader_state, meta = checkpoints.restore(start, ts.to_items(like))
-            state = ts.from_items(items, like)
-            loader.set_state(loader_state)
-            best = meta.get("best_psnr")
-        else:
-            start, best = 0, None
-            state = jax.jit(create, out_shardings=shardings)()
-            if config.init_from:
-                params, ema, fresh, description = load_init_params(
-                    config.init_from, jax.device_get(state.params), model_cfg)
-                params, ema = jax.device_get((params, ema))
-                ema = jax.device_put(ema, shardings.ema)  # separate buffers: both donated
-                params = jax.device_put(params, shardings.params)
-                state = state.replace(params=params, ema=ema,
-                                      opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params))
-                if lead:
-                    print(f"init_from {config.init_from}: {description}")
-                    if fresh:
-                        print(f"init_from {config.init_from}: freshly initialised {fresh}")
-        key = (model_cfg.to_json(), config.optim.to_json(), float(config.ema_decay),
-               config.param_sharding, tuple(mesh.device_ids.flat), tuple(mesh.shape.items()))
-        step_fn = _STEP_CACHE.get(key)
-        if step_fn is None:  # kept per config, so another run in this process reuses it
-            step_fn = jax.jit(make_train_step(config, graphdef, tx, schedule, compute_dtype),
-                              in_shardings=(shardings, batch_sharding),
-                              out_shardings=(shardings, replicated), donate_argnums=(0,))
-            _STEP_CACHE.clear()
-            _STEP_CACHE[key] = step_fn
-        validator = (Validator(val_source, config, graphdef, shardings.ema, mesh, compute_dtype)
-                     if config.eval_every and val_source is not None else None)
-        logger = Logger(workdir, start, config.num_steps, lead)
-        if validator is not None and lead:
+    return Run(config=config, workdir=workdir, model_cfg=model_cfg, train_source=train_source,
+               val_source=val_source, mesh=mesh, lead=lead, tx=tx, schedule=schedule,
+               create=create, shardings=shardings, batch_sharding=batch_sharding)
+
+
+def open_loader(config: ml_collections.ConfigDict, source, make_loader: Callable | None = None):
+    """This process's share of the training patches. `make_loader` (default
+    `PairedPatchLoader`) is called with the source and `PairedPatchLoader`'s keywords."""
+    make_loader = loader_lib.PairedPatchLoader if make_loader is None else make_loader
+    return make_loader(
+        source, scale=config.data.scale, patch_size=config.data.patch_size,
+        global_batch_size=config.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        augment=config.data.augment)
+
+
+def open_checkpoints(run: Run) -> workdir_lib.Checkpoints:
+    config = run.config
+    return workdir_lib.Checkpoints(run.workdir, keep=config.keep_checkpoints,
+                                   async_save=config.async_checkpointing,
+                                   keep_best=bool(config.eval_every))
+
+
+def restore_or_initialise(run: Run, checkpoints: workdir_lib.Checkpoints, loader):
+    """(state, start step, best validation PSNR or None): the latest checkpoint of the
+    workdir (the loader is moved to its input position), else a fresh state whose
+    parameters and EMA come from `config.init_from` when set. Call inside the mesh."""
+    start = checkpoints.latest_step()
+    if start is not None:
+        like = ts.abstract_like(jax.eval_shape(run.create), run.shardings)
+        items, loader_state, meta = checkpoints.restore(start, ts.to_items(like))
+        loader.set_state(loader_state)
+        return ts.from_items(items, like), start, meta.get("best_psnr")
+    state = jax.jit(run.create, out_shardings=run.shardings)()
+    if run.config.init_from:
+        state = _init_from(run, state)
+    return state, 0, None
+
+
+def _init_from(run: Run, state: ts.TrainState) -> ts.TrainState:
+    """`state` with parameters and EMA from `config.init_from`, and a fresh optimiser state."""
+    source, shardings = run.config.init_from, run.shardings
+    params, ema, fresh, description = load_init_params(
+        source, jax.device_get(state.params), run.model_cfg)
+    params, ema = jax.device_get((params, ema))
+    ema = jax.device_put(ema, shardings.ema)  # separate buffers: both donated
+    params = jax.device_put(params, shardings.params)
+    opt_state = jax.jit(run.tx.init, out_shardings=shardings.opt_state)(params)
+    if run.lead:
+        print(f"init_from {source}: {description}")
+        if fresh:
+            print(f"init_from {source}: freshly initialised {fresh}")
+    return state.replace(params=params, ema=ema, opt_state=opt_state)
+
+
+class StepMonitor:
+    """Fetches a step's metrics one step late (so the device runs ahead), logs them, and
+    stops on non-finite values when `config.nonfinite == 'stop'`.
+
+    `record(step, metrics)` settles the step before and keeps this one pending; `settle()`
+    fetches the pending one now (before validation, checkpoints and the end).
+    """
+
+    def __init__(self, config, logger: Logger, checkpoints: workdir_lib.Checkpoints):
+        self.config, self.logger, self.checkpoints = config, logger, checkpoints
+        self.history: list[tuple[int, float]] = []  # (step, loss) of every settled step
+        self.skipped = 0  # non-finite steps seen by this invocation
+        self._pending = None
+
+    def record(self, step: int, metrics) -> None:
+        self.settle()
+        self._pending = (step, metrics)
+
+    def settle(self) -> None:
+        if self._pending is None:
+            return
+        done, metrics = self._pending
+        self._pending = None
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self.history.append((done, m["loss"]))
+        if not m["finite"]:
+            if self.config.nonfinite == "stop":
+                self.stop(done, m)
+            self.skipped += 1
+            self.logger.message(f"step {done}: non-finite loss or gradients, update skipped "
+                                f"({self.skipped} so far)")
+        self.logger.progress(1, loss=m["loss"], lr=m["lr"])
+        if done % self.config.log_every == 0 or done == self.config.num_steps:
+            m.pop("finite")
+            self.logger.scalars(done, {**m, "skipped": self.skipped})
+
+    def stop(self, done: int, m: dict):
+        """Close the checkpoints and the log, and raise NonFiniteError naming the step."""
+        self.checkpoints.close()
+        self.logger.close()
+        last = self.checkpoints.latest_step()
+        raise NonFiniteError(
+            f"non-finite loss or gradients at step {done} (loss {m['loss']}, "
+            f"gradient norm {m['grad_norm']}); the update was not applied. Last "
+            f"good checkpoint: step {last} in {self.checkpoints.directory}. Lower "
+            f"optim.learning_rate, set optim.grad_clip_norm, or use "
+            f"--config.nonfinite=skip to skip such steps")
+
+
+def make_validator(run: Run) -> Validator | None:
+    config = run.config
+    if not config.eval_every or run.val_source is None:
+        return None
+    graphdef, _ = nnx.split(abstract_model(run.model_cfg))
+    return Validator(run.val_source, config, graphdef, run.shardings.ema, run.mesh,
+                     jnp.dtype(run.model_cfg.dtype))
+
+
+def validate(validator: Validator, ema, step: int, logger: Logger, images: int) -> dict:
+    """PSNR/SSIM of the EMA weights, logged with `images` (LR, SR, HR) triplets."""
+    scores, triplets = validator(ema)
+    logger.scalars(step, scores, prefix="val")
+    logger.images(step, triplets[:images])
+    logger.message(f"step {step}: validation PSNR {scores['psnr']:.3f} dB, "
+                   f"SSIM {scores['ssim']:.4f} (bicubic {validator.bicubic['psnr']:.3f} dB)")
+    return scores
+
+
+def save_checkpoint(checkpoints: workdir_lib.Checkpoints, state, loader, step: int, best,
+                    scores: dict | None) -> None:
+    meta = {"step": step, "best_psnr": best}
+    if scores is not None:
+        meta.update(val_psnr=scores["psnr"], val_ssim=scores["ssim"])
+    checkpoints.save(ts.to_items(state), loader.get_state(), meta,
+                     metrics=None if scores is None else {"psnr": scores["psnr"]})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *,
+                       train_source=None, val_source=None, devices: Sequence | None = None,
+                       make_loader: Callable | None = None) -> dict:
+    """Train (or resume) in `workdir`. Sources default to `iet_jax.datasets.open_source`;
+    `make_loader` to `PairedPatchLoader` (see `open_loader`).
+
+    Returns a summary: final step, the (step, loss) history of this invocation, the last
+    validation scores and the bicubic reference.
+    """
+    run = prepare_run(config, workdir, devices, train_source=train_source,
+                      val_source=val_source)
+    with jax.set_mesh(run.mesh):
+        checkpoints = open_checkpoints(run)
+        loader = open_loader(config, run.train_source, make_loader)
+        state, start, best = restore_or_initialise(run, checkpoints, loader)
+        step_fn = compile_train_step(config, run.model_cfg, run.tx, run.schedule,
+                                     run.shardings, run.mesh)
+        validator = make_validator(run)
+        logger = Logger(run.workdir, start, config.num_steps, run.lead)
+        if validator is not None and run.lead:
             logger.message(f"bicubic on validation: PSNR {validator.bicubic['psnr']:.3f} dB, "
                            f"SSIM {validator.bicubic['ssim']:.4f}")
-        summary = {"start_step": start, "history": [], "validation": None,
+        monitor = StepMonitor(config, logger, checkpoints)
+        summary = {"start_step": start, "history": monitor.history, "validation": None,
                    "bicubic": None if validator is None else validator.bicubic}
-        pending = None
-        skipped_seen = 0
-
-        def settle():
-            """Fetch the last step's metrics: log them, and stop on non-finite values."""
-            nonlocal pending, skipped_seen
-            if pending is None:
-                return
-            done, metrics = pending
-            pending = None
-            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            summary["history"].append((done, m["loss"]))
-            if not m["finite"]:
-                if config.nonfinite == "stop":
-                    checkpoints.close()
-                    logger.close()
-                    last = checkpoints.latest_step()
-                    raise NonFiniteError(
-                        f"non-finite loss or gradients at step {done} (loss {m['loss']}, "
-                        f"gradient norm {m['grad_norm']}); the update was not applied. Last "
-                        f"good checkpoint: step {last} in {checkpoints.directory}. Lower "
-                        f"optim.learning_rate, set optim.grad_clip_norm, or use "
-                        f"--config.nonfinite=skip to skip such steps")
-                skipped_seen += 1
-                logger.message(f"step {done}: non-finite loss or gradients, update skipped "
-                               f"({skipped_seen} so far)")
-            logger.progress(1, loss=m["loss"], lr=m["lr"])
-            if done % config.log_every == 0 or done == config.num_steps:
-                m.pop("finite")
-                logger.scalars(done, {**m, "skipped": skipped_seen})
-
         try:
             for step in range(start, config.num_steps):
-                batch = sharding_lib.global_batch(next(loader), batch_sharding)
+                batch = sharding_lib.global_batch(next(loader), run.batch_sharding)
                 state, metrics = step_fn(state, batch)
-                settle()
-                pending = (step + 1, metrics)
                 done = step + 1
+                monitor.record(done, metrics)
                 evaluate = validator is not None and (
                     done % config.eval_every == 0 or done == config.num_steps)
-                save = evaluate or done % config.checkpoint_every == 0 or done == config.num_steps
-                if not save:
+                if not (evaluate or done % config.checkpoint_every == 0
+                        or done == config.num_steps):
                     continue
-                settle()
-                meta = {"step": done, "best_psnr": best}
+                monitor.settle()
                 scores = None
                 if evaluate:
-                    scores, triplets = validator(state.ema)
+                    scores = validate(validator, state.ema, done, logger,
+                                      config.val_images_to_log)
                     best = scores["psnr"] if best is None else max(best, scores["psnr"])
-                    meta.update(val_psnr=scores["psnr"], val_ssim=scores["ssim"],
-                                best_psnr=best)
                     summary["validation"] = {"step": done, **scores}
-                    logger.scalars(done, scores, prefix="val")
-                    logger.images(done, triplets[:config.val_images_to_log])
-                    logger.message(f"step {done}: validation PSNR {scores['psnr']:.3f} dB, "
-                                   f"SSIM {scores['ssim']:.4f} (bicubic "
-                                   f"{validator.bicubic['psnr']:.3f} dB)")
-                checkpoints.save(ts.to_items(state), loader.get_state(), meta,
-                                 metrics=None if scores is None else {"psnr": scores["psnr"]})
-            settle()
+                save_checkpoint(checkpoints, state, loader, done, best, scores)
+            monitor.settle()
         finally:
             checkpoints.close()
             logger.close()

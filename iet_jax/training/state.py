@@ -11,6 +11,7 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from iet_jax.io import stored
@@ -65,6 +66,22 @@ def init_params(model_cfg, seed: int):
     """Freshly initialised parameters as a nested dict with string keys."""
     model = IET(model_cfg, rngs=nnx.Rngs(seed))
     return stored.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def create_train_state(model_cfg, config, tx):
+    """A function of no arguments making the fresh train state (`config.seed`): for
+    `jax.eval_shape`, and for `jax.jit` with the state's shardings as `out_shardings`.
+    The EMA is a copy of the parameters, so the two get buffers of their own (donation)."""
+
+    def create() -> TrainState:
+        seed = config.seed
+        params = init_params(model_cfg, seed)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32))
+
+    return create
 
 
 def apply_model(graphdef, params, x, *, train: bool):

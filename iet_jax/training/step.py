@@ -10,12 +10,41 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
+from iet_jax.model.network import abstract_model
 from iet_jax.training import sharding as sharding_lib
 from iet_jax.training import state as ts
 
 
+def accumulate_gradients(loss_fn, params, batch: dict, steps: int, acc_dtype=jnp.float32):
+    """(mean loss, mean gradients) of `loss_fn(params, lr, hr)` over `steps` micro-batches.
+
+    Micro-batch i holds rows i, i + steps, ...: every device keeps its share of the batch.
+    With `steps == 1` it is one `jax.value_and_grad` call on the whole batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn)
+    if steps == 1:
+        return grad_fn(params, batch["lr"], batch["hr"])
+
+    def split(x):
+        x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES))
+
+    micro = jax.tree.map(split, batch)
+
+    def body(carry, mb):
+        loss, grads = grad_fn(params, mb["lr"], mb["hr"])
+        return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), acc_dtype), zeros), micro)
+    return loss / steps, jax.tree.map(lambda g: g / steps, grads)
+
+
 def make_train_step(config, graphdef, tx, schedule, compute_dtype):
+    """step(state, batch) -> (new state, metrics): the function `compile_train_step` jits."""
     accum = config.optim.grad_accum_steps
     decay = float(config.ema_decay)
     acc_dtype = jnp.float64 if compute_dtype == jnp.float64 else jnp.float32
@@ -24,28 +53,8 @@ def make_train_step(config, graphdef, tx, schedule, compute_dtype):
         sr = ts.apply_model(graphdef, params, lr.astype(compute_dtype), train=True)
         return jnp.mean(jnp.abs(sr.astype(acc_dtype) - hr.astype(acc_dtype)))
 
-    grad_fn = jax.value_and_grad(loss_fn)
-
     def step(state: ts.TrainState, batch: dict):
-        if accum == 1:
-            loss, grads = grad_fn(state.params, batch["lr"], batch["hr"])
-        else:
-            # Micro-batch i holds rows i, i + accum, ...: every device keeps its share.
-            def split(x):
-                x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-                return jax.lax.with_sharding_constraint(
-                    x, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES))
-
-            micro = jax.tree.map(split, batch)
-
-            def body(carry, mb):
-                loss, grads = grad_fn(state.params, mb["lr"], mb["hr"])
-                return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), acc_dtype), zeros), micro)
-            loss = loss / accum
-            grads = jax.tree.map(lambda g: g / accum, grads)
+        loss, grads = accumulate_gradients(loss_fn, state.params, batch, accum, acc_dtype)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -65,3 +74,13 @@ def make_train_step(config, graphdef, tx, schedule, compute_dtype):
         return new_state, metrics
 
     return step
+
+
+def compile_train_step(config, model_cfg, tx, schedule, shardings, mesh):
+    """The train step jitted over `mesh`: the state (donated) in `shardings`, the batch split
+    over the data axes, the metrics replicated. Compiled on its first call."""
+    graphdef, _ = nnx.split(abstract_model(model_cfg))
+    step = make_train_step(config, graphdef, tx, schedule, jnp.dtype(model_cfg.dtype))
+    return jax.jit(step, in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                   out_shardings=(shardings, sharding_lib.replicated(mesh)),
+                   donate_argnums=(0,))
