@@ -63,18 +63,8 @@ def synthetic_source(n: int, seed: int, size: int = 24, scale: int = 2) -> list[
 
 
 def read_item(workdir, step: int, item: str):
-    """A checkpoint item as NumPy arrays (restored onto one device)."""
-    import orbax.checkpoint as ocp
-
-    path = Path(workdir) / "checkpoints" / str(step) / item
-    handler = ocp.StandardCheckpointHandler()
-    meta = handler.metadata(path).tree
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev),
-                          meta)
-    out = handler.restore(path, args=ocp.args.StandardRestore(target))
-    handler.close()
-    return jax.tree.map(np.asarray, out)
+    """A checkpoint item as NumPy arrays (restored onto one device, verified)."""
+    return jax.tree.map(np.asarray, workdir_lib.read_step(workdir, step).items[item])
 
 
 def test_tiny_run(tmp_path):
@@ -110,14 +100,13 @@ def test_tiny_run(tmp_path):
     # the workdir: load_model gives the EMA weights of the latest (= best) checkpoint
     assert workdir_lib.is_training_workdir(workdir)
     assert workdir_lib.workdir_steps(workdir)[-1] == 8
-    assert workdir_lib.workdir_step(workdir, "best") == 8
+    assert workdir_lib.read_step(workdir, "best").step == 8
     from flax import nnx
     model = model_dir.load_model(workdir)
     loaded = stored.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(read_item(workdir, 8, "ema"))):
         np.testing.assert_array_equal(np.asarray(a), b)
-    loader = json.loads((workdir / "checkpoints" / "8" / "loader" / "metadata").read_text())
-    assert loader["step"] == 8  # the input position: the next batch is batch 8
+    assert workdir_lib.read_step(workdir, 8).loader["step"] == 8  # the input position: the next batch is batch 8
 
     # rerunning a finished run trains nothing
     again = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))

@@ -386,8 +386,8 @@ def make_broken_checkpoints(good: Path, root: Path) -> dict[str, tuple[Path, lis
     d = model_dir_like("workdir_damaged", params=False)
     (d / "checkpoints" / "100").mkdir(parents=True)
     (d / "checkpoints" / "100" / "_CHECKPOINT_METADATA").write_text("{}")
-    cases["workdir with a damaged checkpoint"] = (d, [f"checkpoint 100 in {d / 'checkpoints'}",
-                                                      "incomplete or damaged"])
+    cases["workdir with a damaged checkpoint"] = (d, [
+        f"no intact checkpoint in {d / 'checkpoints'}", "every step is damaged (100: "])
     d = model_dir_like("not_json", "{'scale': 2,")
     cases["config.json not JSON"] = (d, [f"{d / 'config.json'} is not valid JSON",
                                          "iet_jax.convert"])

@@ -103,25 +103,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _load_from_workdir(directory: Path, dtype: str | None, which: str | int) -> IET:
-    """`workdir.load_training_model`, its failures as CheckpointError naming step and fix."""
-    if not workdir_lib.workdir_steps(directory):
-        raise CheckpointMissingError(
-            f"the training workdir {directory} has no complete checkpoint yet (none in "
-            f"{workdir_lib.WORKDIR_CHECKPOINTS}/); training saves one every checkpoint_every "
-            f"steps and at its end: wait for one, or load another checkpoint")
+    """`workdir.load_training_model`; anything orbax raises becomes a CheckpointError."""
     try:
-        step = workdir_lib.workdir_step(directory, which)
-    except FileNotFoundError as e:  # no such step, or none with a validation PSNR
-        raise CheckpointMissingError(str(e)) from e
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
-    try:
-        return workdir_lib.load_training_model(directory, dtype=dtype, which=step)
+        return workdir_lib.load_training_model(directory, dtype=dtype, which=which)
     except (CheckpointError, MemoryError):
         raise
-    except Exception as e:  # orbax and tensorstore raise many kinds
-        where = directory / workdir_lib.WORKDIR_CHECKPOINTS / str(step)
-        raise CheckpointError(
-            f"cannot read the weights of checkpoint {step} in {where} ({_first_line(e)}): it "
-            f"is incomplete or damaged; move it out of {workdir_lib.WORKDIR_CHECKPOINTS}/ to "
-            f"load the one before") from e
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+        raise CheckpointError(f"cannot read the checkpoint {which} of the training workdir "
+                              f"{directory} ({_first_line(e)})") from e

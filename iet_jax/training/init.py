@@ -62,10 +62,12 @@ def init_weights(path: str, model_cfg) -> tuple[dict, dict, str]:
                 f"parameters from {train_key or 'the state dict'!r}, EMA from "
                 f"{ema_key or 'the state dict'!r}")
     if workdir_lib.is_training_workdir(source):
-        step = workdir_lib.workdir_step(source)
-        return (_model_weights(workdir_lib.load_training_model(source, item="params")),
-                _model_weights(workdir_lib.load_training_model(source, item="ema")),
-                f"parameters and EMA of its step {step}")
+        try:
+            step = workdir_lib.read_step(source)
+        except stored.CheckpointError as e:
+            raise ConfigError(f"init_from: {e}") from e
+        return (_flat(step.items["params"]), _flat(step.items["ema"]),
+                f"parameters and EMA of its step {step.step}")
     weights = _model_weights(model_dir.load_model(source))
     return weights, weights, "parameters and EMA from its one set of weights"
 

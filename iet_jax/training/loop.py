@@ -123,19 +123,20 @@ def open_checkpoints(run: Run) -> workdir_lib.Checkpoints:
     config = run.config
     return workdir_lib.Checkpoints(run.workdir, keep=config.keep_checkpoints,
                                    async_save=config.async_checkpointing,
-                                   keep_best=bool(config.eval_every))
+                                   keep_best=bool(config.eval_every),
+                                   report=print if run.lead else (lambda message: None))
 
 
 def restore_or_initialise(run: Run, checkpoints: workdir_lib.Checkpoints, loader):
-    """(state, start step, best validation PSNR or None): the latest checkpoint of the
-    workdir (the loader is moved to its input position), else a fresh state whose
-    parameters and EMA come from `config.init_from` when set. Call inside the mesh."""
-    start = checkpoints.latest_step()
-    if start is not None:
-        like = ts.abstract_like(jax.eval_shape(run.create), run.shardings)
-        items, loader_state, meta = checkpoints.restore(start, ts.to_items(like))
-        loader.set_state(loader_state)
-        return ts.from_items(items, like), start, meta.get("best_psnr")
+    """(state, start step, best validation PSNR or None): the workdir's newest intact
+    checkpoint (newer damaged ones are reported and moved aside; the loader is moved to its
+    input position), else a fresh state whose parameters and EMA come from
+    `config.init_from` when set. Call inside the mesh."""
+    like = ts.abstract_like(jax.eval_shape(run.create), run.shardings)
+    restored = checkpoints.restore_latest(ts.to_items(like))
+    if restored is not None:
+        loader.set_state(restored.loader)
+        return ts.from_items(restored.items), restored.step, restored.meta.get("best_psnr")
     state = jax.jit(run.create, out_shardings=run.shardings)()
     if run.config.init_from:
         state = _init_from(run, state)

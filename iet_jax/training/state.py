@@ -2,7 +2,7 @@
 
 Parameters travel as nested dicts with string keys (the form orbax stores): `init_params`
 makes them, `apply_model` runs the network on them. `to_items` / `from_items` turn the state
-into the orbax items a training workdir stores (`iet_jax.io.workdir.Checkpoints`) and back.
+into the array items a training workdir stores (`iet_jax.io.workdir.Checkpoints`) and back.
 """
 
 from __future__ import annotations
@@ -32,22 +32,15 @@ class TrainState:
 
 
 def to_items(state: TrainState) -> dict[str, Any]:
-    """The state as orbax items; optax's state is stored as its list of leaves."""
-    leaves = jax.tree.leaves(state.opt_state)
-    return {
-        "params": state.params,
-        "ema": state.ema,
-        "opt_state": {f"{i:05d}": leaf for i, leaf in enumerate(leaves)},
-        "train": {"step": state.step, "rng": state.rng, "skipped": state.skipped},
-    }
+    """The state as the array items of a workdir checkpoint (`Checkpoints.save`)."""
+    return {"params": state.params, "ema": state.ema, "opt_state": state.opt_state,
+            "train": {"step": state.step, "rng": state.rng, "skipped": state.skipped}}
 
 
-def from_items(items: dict[str, Any], like: TrainState) -> TrainState:
-    treedef = jax.tree.structure(like.opt_state)
-    leaves = [items["opt_state"][k] for k in sorted(items["opt_state"])]
-    return TrainState(step=items["train"]["step"], params=items["params"], ema=items["ema"],
-                      opt_state=jax.tree.unflatten(treedef, leaves), rng=items["train"]["rng"],
-                      skipped=items["train"]["skipped"])
+def from_items(items: dict[str, Any]) -> TrainState:
+    train = items["train"]
+    return TrainState(step=train["step"], params=items["params"], ema=items["ema"],
+                      opt_state=items["opt_state"], rng=train["rng"], skipped=train["skipped"])
 
 
 def abstract_like(state: TrainState, shardings) -> TrainState:
