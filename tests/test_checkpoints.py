@@ -236,3 +236,25 @@ def test_a_checkpoint_of_the_first_format_still_resumes(trained, tmp_path):
         for a, b in zip(arrays(again.items[name]), arrays(before.items[name])):
             np.testing.assert_array_equal(a, b)
     assert json.dumps(again.meta["checksums"]) == json.dumps(before.meta["checksums"])
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_writing(trained, tmp_path, monkeypatch):
+    """A full disk stops the run with one line naming the step, the folder and the space;
+    nothing half-written is left, the earlier steps stay intact and the run resumes."""
+    import collections
+
+    workdir = copy_of(trained, tmp_path)
+    real = shutil.disk_usage
+    Usage = collections.namedtuple("Usage", "total used free")
+    monkeypatch.setattr(workdir_lib.shutil, "disk_usage",
+                        lambda path: Usage(real(path).total, real(path).used, 2**20))
+    with pytest.raises(workdir_lib.CheckpointWriteError,
+                       match=r"cannot write checkpoint 6 in .*checkpoints: it needs about "
+                             r"[\d.]+ MiB and the disk has 1.0 MiB free.*rerun to resume"):
+        train_and_evaluate(run_config(steps=6), workdir, train_source=synthetic_source(6, 0))
+    assert workdir_lib.workdir_steps(workdir) == [2, 4]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+    monkeypatch.setattr(workdir_lib.shutil, "disk_usage", real)
+    summary = train_and_evaluate(run_config(steps=6), workdir,
+                                 train_source=synthetic_source(6, 0))
+    assert summary["start_step"] == 4 and workdir_lib.workdir_steps(workdir) == [2, 4, 6]

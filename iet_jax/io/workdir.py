@@ -57,6 +57,9 @@ JSON_ITEMS = ("loader", "meta")
 # "format" key; iet-jax before checksums) stored opt_state as its list of leaves, keyed
 # "00000", "00001", ...: still restored, without verification.
 FORMAT = 2
+# What a save writes beside the arrays themselves (orbax's metadata and the JSON items), with
+# room to spare: a save is refused unless the disk has the arrays' bytes and this free.
+SAVE_OVERHEAD_BYTES = 4 * 2**20
 
 
 class DamagedCheckpointError(CheckpointError):
@@ -216,6 +219,7 @@ class Checkpoints:
         """Save the array `items` (one per name of ARRAY_ITEMS) with the loader state and
         meta, which gains the format and the items' checksums."""
         step = int(meta["step"])
+        self._check_space(step, items)
         meta = {**meta, "format": FORMAT,
                 "checksums": {k: item_digest(v) for k, v in items.items()}}
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
@@ -226,6 +230,20 @@ class Checkpoints:
                               force=True)
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
             raise self._write_error(step, e) from e
+
+    def _check_space(self, step: int, items: dict[str, Any]) -> None:
+        """Refuse a save the disk cannot hold, before orbax starts writing it: a write that
+        fails in orbax's background threads cannot be reported in one line."""
+        needed = sum(x.nbytes for x in jax.tree.leaves(items)) + SAVE_OVERHEAD_BYTES
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError:
+            return  # nothing to measure against: let the save say what goes wrong
+        if free < needed:
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {step} in {self.directory}: it needs about "
+                f"{needed / 2**20:.1f} MiB and the disk has {free / 2**20:.1f} MiB free; the "
+                f"checkpoints before it are intact: free disk space, then rerun to resume")
 
     def _write_error(self, step: int | None, error: BaseException) -> CheckpointWriteError:
         what = "a checkpoint" if step is None else f"checkpoint {step}"
