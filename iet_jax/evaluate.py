@@ -32,24 +32,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 
 from iet_jax import datasets
 from iet_jax.conventions.text import shown
 from iet_jax.evaluation import inference
+from iet_jax.evaluation.command_line import Parser, error, load_checkpoint
 from iet_jax.evaluation.benchmark import (DEFAULT_DATASETS, DISPLAY_NAMES, describe_protocol,
                                           evaluate_source, format_scores, markdown_table,
                                           parse_datasets)
 from iet_jax.evaluation.pictures import atomic_output, prepare_folder
 from iet_jax.io import model_dir
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with the command line's own text escaped in its error messages."""
-
-    def error(self, message: str):
-        super().error(shown(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,12 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def error(message: object, verbose: bool = False) -> None:
-    """One `error:` line (outside text escaped); with `verbose`, the traceback after it."""
-    print(f"error: {shown(message, keep_newlines=True)}", file=sys.stderr)
-    if verbose and sys.exc_info()[0] is not None:
-        print(shown(traceback.format_exc().rstrip(), keep_newlines=True), file=sys.stderr)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -113,19 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         error(e, args.verbose)
         return 2
     try:
-        model = (model_dir.load_model(args.checkpoint) if args.dtype is None
-                 else model_dir.load_model(args.checkpoint, dtype=args.dtype))
+        model = load_checkpoint(args.checkpoint, args.dtype, args.verbose)
         split = inference.OFFICIAL_SPLIT if args.official_split else None
         upscaler = inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
                                       self_ensemble=args.self_ensemble,
                                       tile_batch=args.tile_batch, split=split)
     except (model_dir.CheckpointError, FileNotFoundError, ValueError) as e:
         error(e, args.verbose)
-        return 2
-    except Exception as e:  # noqa: BLE001 - anything else a checkpoint can raise: one line
-        error(f"cannot load the checkpoint {shown(args.checkpoint)}: {type(e).__name__}: "
-              f"{shown(e)}" + ("" if args.verbose else " (--verbose shows the traceback)"),
-              args.verbose)
         return 2
     scale = upscaler.scale
     if args.scale is not None and args.scale != scale:

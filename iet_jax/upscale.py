@@ -29,22 +29,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from iet_jax.conventions.text import shown
 from iet_jax.evaluation import inference
+from iet_jax.evaluation.command_line import Parser, error, load_checkpoint
 from iet_jax.evaluation.pictures import (check_outputs, collect_inputs, output_paths,
                                          prepare_folder, read_picture, upscale_picture,
                                          write_picture)
 from iet_jax.io import model_dir
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with the command line's own text escaped in its error messages."""
-
-    def error(self, message: str):
-        super().error(shown(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,18 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_upscaler(args) -> inference.Upscaler:
-    model = (model_dir.load_model(args.checkpoint) if args.dtype is None
-             else model_dir.load_model(args.checkpoint, dtype=args.dtype))
+    model = load_checkpoint(args.checkpoint, args.dtype, args.verbose)
     return inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
                               self_ensemble=args.self_ensemble, tile_batch=args.tile_batch,
                               auto_tile_above=args.auto_tile_above or None)
-
-
-def error(message: object, verbose: bool = False, write=print) -> None:
-    """One `error:` line (outside text escaped); with `verbose`, the traceback after it."""
-    write(f"error: {shown(message, keep_newlines=True)}", file=sys.stderr)
-    if verbose and sys.exc_info()[0] is not None:
-        write(shown(traceback.format_exc().rstrip(), keep_newlines=True), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,11 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         upscaler = load_upscaler(args)
     except (model_dir.CheckpointError, FileNotFoundError, ValueError) as e:
         error(e, args.verbose)
-        return 2
-    except Exception as e:  # noqa: BLE001 - anything else a checkpoint can raise: one line
-        error(f"cannot load the checkpoint {shown(args.checkpoint)}: {type(e).__name__}: "
-              f"{shown(e)}" + ("" if args.verbose else " (--verbose shows the traceback)"),
-              args.verbose)
         return 2
     try:
         prepare_folder(out_dir, "--output")

@@ -269,11 +269,7 @@ class Checkpoints:
         device when `like` is None; each checked against its checksum.
         `DamagedCheckpointError` when it cannot be restored or does not match."""
         try:
-            with _quiet_orbax():
-                meta = self.manager.restore(step, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))["meta"]
-            if not isinstance(meta, dict) or meta.get("step") != step:
-                raise ValueError(f"its meta does not describe step {step}")
+            meta = self._read_meta(step)
             targets = self._targets(step, meta, like)
             args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
             args["loader"] = ocp.args.JsonRestore()
@@ -294,6 +290,15 @@ class Checkpoints:
                                              f"{name} does not match its checksum")
         return Restored(step=step, items=items, loader=out["loader"], meta=meta)
 
+    def _read_meta(self, step: int) -> dict:
+        """The JSON `meta` item of `step` (small: read before its arrays)."""
+        with _quiet_orbax():
+            meta = self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or meta.get("step") != step:
+            raise ValueError(f"its meta does not describe step {step}")
+        return meta
+
     def _targets(self, step: int, meta: dict, like: dict[str, Any] | None) -> dict[str, Any]:
         """The restore target of every array item."""
         if like is None:
@@ -311,19 +316,17 @@ class Checkpoints:
             targets["opt_state"] = {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
         return targets
 
-    def _first_intact(self, steps: list[int], like) -> tuple[Restored | None, list]:
-        """The first of `steps` that is intact, and the damaged ones before it."""
+    def _first_intact(self, steps: list[int], like) -> tuple[Restored, list]:
+        """The first of `steps` that is intact, and the damaged ones before it;
+        `CheckpointError` naming each when none is."""
         damaged = []
         for step in steps:
             try:
                 return self.restore(step, like), damaged
             except DamagedCheckpointError as e:
                 damaged.append(e)
-        return None, damaged
-
-    def _no_intact(self, damaged: list) -> CheckpointError:
         reasons = "; ".join(f"{e.step}: {e.reason}" for e in damaged)
-        return CheckpointError(
+        raise CheckpointError(
             f"no intact checkpoint in {self.directory}: every step is damaged ({reasons}); "
             f"restore the workdir from a copy, or start over in a new workdir")
 
@@ -340,8 +343,6 @@ class Checkpoints:
         if not steps:
             return None
         restored, damaged = self._first_intact(steps[::-1], like)
-        if restored is None:
-            raise self._no_intact(damaged)
         self._say_skipped(damaged, restored.step)
         return restored
 
@@ -350,10 +351,7 @@ class Checkpoints:
         scored = []
         for step in self.steps():
             try:
-                with _quiet_orbax():
-                    meta = self.manager.restore(step, args=ocp.args.Composite(
-                        meta=ocp.args.JsonRestore()))["meta"]
-                psnr = meta.get("val_psnr")
+                psnr = self._read_meta(step).get("val_psnr")
             except Exception:  # noqa: BLE001 - a damaged step has no score to offer
                 continue
             if isinstance(psnr, (int, float)):
@@ -363,8 +361,6 @@ class Checkpoints:
                 f"no checkpoint of {self.workdir} carries a validation PSNR (training "
                 f"validates every eval_every steps); load 'latest' or a step number")
         restored, damaged = self._first_intact([s for _, s in sorted(scored)[::-1]], None)
-        if restored is None:
-            raise self._no_intact(damaged)
         self._say_skipped(damaged, restored.step)
         return restored
 
@@ -376,8 +372,6 @@ class Checkpoints:
         if not steps:
             return None
         restored, damaged = self._first_intact(steps[::-1], like)
-        if restored is None:
-            raise self._no_intact(damaged)
         if damaged:
             self._say_skipped(damaged, restored.step, moved=True)
             _sync("iet_jax.workdir.before_moving_damaged")
