@@ -9,7 +9,40 @@ import sys
 import time
 from pathlib import Path
 
+from iet_jax.io import files
 from iet_jax.io.workdir import METRICS_FILE
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of `path` (metrics.jsonl) up to `last_step`, rewritten atomically.
+
+    A line that is not a JSON record (a partial last line after a crash or a full disk, or
+    damage) is dropped, said once on stderr; it never stops the run."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise files.WriteError(path, e, "read") from e
+    kept, damaged = [], []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a record")
+            step = int(record.get("step", 0))
+        except (ValueError, TypeError):  # JSONDecodeError and UnicodeDecodeError included
+            damaged.append(number)
+            continue
+        if step <= last_step:
+            kept.append(line.decode("utf-8"))
+    if damaged:
+        last = len(raw.split(b"\n")) - (1 if raw.endswith(b"\n") else 0)
+        what = ("a partial last line (a crash or a full disk while writing it)"
+                if damaged == [last] else f"lines {', '.join(map(str, damaged[:10]))}"
+                + (" ..." if len(damaged) > 10 else "") + " (not JSON records)")
+        print(f"{path}: dropped {what}; the other records are kept", file=sys.stderr)
+    files.write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class Logger:
@@ -23,9 +56,7 @@ class Logger:
         if not enabled:
             return
         if self.path.exists():  # a resumed run rewrites what came after its checkpoint
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            trim_metrics(self.path, start_step)
         try:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
@@ -41,8 +72,7 @@ class Logger:
             return
         record = {"step": step, "time": time.time(), **{f"{prefix}/{k}": v
                                                          for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_line(self.path, json.dumps(record))
         if self.writer is not None:
             for k, v in values.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
