@@ -28,8 +28,30 @@ import numpy as np
 from iet_jax.conventions.text import printable
 
 STATE_VERSION = 1
+SMALL_IMAGES = ("error", "skip")
 _PERM_TAG = 0x5EED_0001
 _SAMPLE_TAG = 0x5EED_0002
+
+
+class SmallImageError(ValueError):
+    """A training image smaller than the patch (small_images='error')."""
+
+
+class SmallImagesSkipped(UserWarning):
+    """Images smaller than the patch were left out (small_images='skip')."""
+
+
+def find_small_images(source, patch_size: int) -> tuple[list[tuple[str, tuple[int, int]]], int] | None:
+    """([(name, (LR h, LR w)) of every image with an LR side under `patch_size`], number of
+    images), from the sizes the source records (``source.lr_sizes()``); None if it records
+    none (such images are then found when they are read)."""
+    sizes = source.lr_sizes() if hasattr(source, "lr_sizes") else None
+    if sizes is None:
+        return None
+    names = source.names() if hasattr(source, "names") else None
+    small = [(names[i] if names else str(i), (int(h), int(w)))
+             for i, (h, w) in enumerate(sizes) if h < patch_size or w < patch_size]
+    return small, len(sizes)
 
 
 class PairedPatchLoader:
@@ -49,7 +71,10 @@ class PairedPatchLoader:
         the same on LR and HR.
       small_images: 'error' (default) refuses at construction an image with an LR side
         shorter than the patch, naming it; 'skip' leaves such images out and counts them
-        (``num_skipped``, ``skipped_names``).
+        (``num_skipped``, ``skipped_names``; warning ``SmallImagesSkipped``). A source that
+        records no image sizes shows such an image only when it is read: 'error' then raises
+        ``SmallImageError``, 'skip' takes the next image of the epoch's permutation that is
+        large enough instead (still a pure function of seed and sample index) and counts it.
       num_workers: threads decoding and cropping (default: min(8, cpu count)).
       prefetch: batches prepared ahead in the background.
       cache: keep decoded images in memory; default: when the source records its image
@@ -70,7 +95,7 @@ class PairedPatchLoader:
                 f"multiple of {process_count}")
         if patch_size < 1 or scale < 1:
             raise ValueError(f"patch_size and scale must be positive, got {patch_size}, {scale}")
-        if small_images not in ("error", "skip"):
+        if small_images not in SMALL_IMAGES:
             raise ValueError(f"small_images must be 'error' or 'skip', got {small_images!r}")
         if int(seed) < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
@@ -104,7 +129,7 @@ class PairedPatchLoader:
                         for i in small]
                 if small_images == "error":
                     shown = ", ".join(desc[:10]) + (" ..." if len(desc) > 10 else "")
-                    raise ValueError(
+                    raise SmallImageError(
                         f"{len(small)} of {n_total} images are smaller than the LR patch "
                         f"{p}x{p}: {shown}. Use a smaller patch_size, remove them, or pass "
                         "small_images='skip' to leave them out")
@@ -112,9 +137,12 @@ class PairedPatchLoader:
                 bad = set(small)
                 indices = [i for i in indices if i not in bad]
                 warnings.warn(f"PairedPatchLoader: skipping {len(small)} of {n_total} images "
-                              f"smaller than the LR patch {p}x{p}: {', '.join(desc[:10])}")
+                              f"smaller than the LR patch {p}x{p}: {', '.join(desc[:10])}",
+                              SmallImagesSkipped)
                 if not indices:
-                    raise ValueError(f"every image is smaller than the LR patch {p}x{p}")
+                    raise SmallImageError(f"every image is smaller than the LR patch {p}x{p}")
+        self.small_images = small_images
+        self._small: set[int] = set()  # found when read (sources without recorded sizes)
         self._indices = np.asarray(indices, np.int64)
         self.num_examples = len(indices)
         self.num_skipped = len(self.skipped_names)
@@ -160,9 +188,13 @@ class PairedPatchLoader:
             raise ValueError(f"image {name}: HR {hr.shape[0]}x{hr.shape[1]} is not x{self.scale} "
                              f"of LR {h}x{w}")
         if h < self.patch_size or w < self.patch_size:
-            raise ValueError(f"image {name}: LR {h}x{w} is smaller than the patch "
-                             f"{self.patch_size}x{self.patch_size} (the source did not record "
-                             "image sizes, so this was found only now)")
+            p, s = self.patch_size, self.scale
+            error = SmallImageError(
+                f"image {name}: LR {h}x{w} (HR {h * s}x{w * s}) is smaller than the patch "
+                f"{p}x{p} (HR {p * s}x{p * s}) (the source did not record image sizes, so this "
+                "was found only now); use a smaller patch_size or small_images='skip'")
+            error.image_name = name
+            raise error
         if self._cache is not None:
             self._cache[idx] = (hr, lr, name)
         return hr, lr, name
@@ -170,8 +202,7 @@ class PairedPatchLoader:
     def sample(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Global sample ``k``: (LR patch, HR patch), uint8. A pure function of (seed, k)."""
         epoch, r = divmod(int(k), self.num_examples)
-        idx = int(self._indices[self._permutation(epoch)[r]])
-        hr, lr, _ = self._image(idx)
+        hr, lr = self._large_enough(self._permutation(epoch), r)
         rng = np.random.default_rng([self.seed, _SAMPLE_TAG, int(k)])
         p, s = self.patch_size, self.scale
         h, w = lr.shape[:2]
@@ -183,6 +214,29 @@ class PairedPatchLoader:
             hflip, vflip, rot = (bool(b) for b in rng.random(3) < 0.5)
             return _augment(lr_p, hflip, vflip, rot), _augment(hr_p, hflip, vflip, rot)
         return np.ascontiguousarray(lr_p), np.ascontiguousarray(hr_p)
+
+    def _large_enough(self, perm: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """(HR, LR) of image ``perm[r]``; with small_images='skip', of the first image from
+        there on (cyclically) that is not smaller than the patch."""
+        n = len(perm)
+        for j in range(n):
+            idx = int(self._indices[perm[(r + j) % n]])
+            if idx in self._small:
+                continue
+            try:
+                hr, lr, _ = self._image(idx)
+            except SmallImageError as e:
+                if self.small_images != "skip":
+                    raise
+                with self._lock:
+                    if idx not in self._small:
+                        self._small.add(idx)
+                        self.skipped_names.append(getattr(e, "image_name", str(idx)))
+                        self.num_skipped = len(self.skipped_names)
+                continue
+            return hr, lr
+        raise SmallImageError(f"every image is smaller than the LR patch "
+                              f"{self.patch_size}x{self.patch_size}")
 
     def _sample_ids(self, step: int) -> range:
         start = step * self.global_batch_size + self.process_index * self.local_batch_size
