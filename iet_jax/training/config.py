@@ -16,6 +16,7 @@ import ml_collections
 from flax import nnx
 
 from iet_jax.io import stored
+from iet_jax.io import workdir as workdir_lib
 from iet_jax.model import config as config_lib
 from iet_jax.model.network import IET
 from iet_jax.training import optim as optim_lib
@@ -113,6 +114,9 @@ def training_config(*, model: ml_collections.ConfigDict, dataset: str, patch_siz
         val_split="test",
         val_max_images=0,  # 0: all images of the validation split
         val_crop=0,  # >0: validate on centre crops of this LR size (one compile, faster)
+        # Training images whose LR side is shorter than patch_size: "error" refuses the run
+        # naming them, "skip" leaves them out (and says how many).
+        small_images="error",
     ))
     # Global batch over all devices and hosts; it does not change with the device count.
     config.batch_size = batch_size
@@ -212,6 +216,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                           f"optim.grad_accum_steps {config.optim.grad_accum_steps}")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {config.ema_decay}")
+    small_images = data.get("small_images", "error")
+    if small_images not in ("error", "skip"):
+        raise ConfigError(f"data.small_images must be 'error' or 'skip', got {small_images!r}")
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
     if config.param_sharding not in ("replicate", "fsdp"):
@@ -244,7 +251,8 @@ def check_init_from(config: ml_collections.ConfigDict, model_cfg) -> None:
             f"{stored.CONFIG_FILE}) or .pth file. Train the earlier stage into it "
             f"first, pass --config.init_from=<workdir, converted model dir or official .pth>, "
             f"or --config.init_from='' to train from scratch")
-    source = json.loads(config_file.read_text())
+    source = read_json_object(config_file, "init_from: ", "restore it, or pass another "
+                              "--config.init_from ('' trains from scratch)")
     diff = []
     for field in ARCHITECTURE_FIELDS:
         mine, theirs = model_cfg[field], source.get(field)
@@ -254,3 +262,110 @@ def check_init_from(config: ml_collections.ConfigDict, model_cfg) -> None:
             diff.append(f"model.{field}: {theirs!r} in the checkpoint vs {mine!r} here")
     if diff:
         raise ConfigError(f"init_from: {path} holds another architecture:\n  " + "\n  ".join(diff))
+    check_init_weights(directory)
+
+
+def check_init_weights(directory: Path) -> None:
+    """An `init_from` directory must hold weights: a training workdir a complete checkpoint,
+    a model directory its params/."""
+    fix = ("finish training that stage first (rerunning its command resumes it), or pass "
+           "another --config.init_from ('' trains from scratch)")
+    checkpoints = directory / workdir_lib.WORKDIR_CHECKPOINTS
+    if checkpoints.is_dir():
+        if not workdir_lib.workdir_steps(directory):
+            raise ConfigError(f"init_from: the training workdir {directory} has no complete "
+                              f"checkpoint yet (none in {checkpoints}); {fix}")
+    elif not (directory / "params").is_dir():
+        if (directory / workdir_lib.TRAIN_CONFIG_FILE).is_file():
+            raise ConfigError(f"init_from: the training workdir {directory} has no checkpoint "
+                              f"yet (no {workdir_lib.WORKDIR_CHECKPOINTS}/); {fix}")
+        raise ConfigError(f"init_from: {directory} has a {stored.CONFIG_FILE} but no weights "
+                          f"(neither params/ nor {workdir_lib.WORKDIR_CHECKPOINTS}/); pass a "
+                          f"training workdir, a converted model directory or an official .pth")
+
+
+def read_json_object(path: Path, prefix: str, fix: str) -> dict:
+    """The JSON object in `path`; ConfigError naming the file and `fix` if it is unreadable,
+    not JSON or not an object."""
+    try:
+        fields = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{prefix}cannot read {path}: {e.strerror}; {fix}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{prefix}{path} is not UTF-8 text; {fix}") from e
+    except json.JSONDecodeError as e:
+        what = "is empty" if not e.doc.strip() else (
+            f"is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})")
+        raise ConfigError(f"{prefix}{path} {what}; {fix}") from e
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{prefix}{path} holds a JSON {type(fields).__name__}, not an object "
+                          f"of config fields; {fix}")
+    return fields
+
+
+# ----------------------------------------------------------------------------- resuming
+
+# Fields a rerun on a workdir that holds checkpoints may change: how long to train, what is
+# logged, validated and kept, where the data lives, and how the same computation is laid out
+# on the devices (mesh, sharding, micro-batches, rematerialisation, gather kernels). Every
+# other field (the model, seed, batch, data, patch, augmentation, optimiser, schedule, EMA)
+# must equal the workdir's, so that the run continues exactly; `check_resume` refuses others.
+RESUME_MAY_CHANGE = frozenset({
+    "name", "settings", "num_steps", "eval_every", "log_every", "checkpoint_every",
+    "keep_checkpoints", "async_checkpointing", "val_images_to_log", "nonfinite", "init_from",
+    "data.data_dir", "data.val_dataset", "data.val_split", "data.val_max_images",
+    "data.val_crop", "data.small_images", "optim.grad_accum_steps", "mesh.data", "mesh.fsdp",
+    "param_sharding", "distributed", "model.remat", "model.gather_impl",
+    "model.gather_deterministic",
+})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _show(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def check_resume(config: ml_collections.ConfigDict, model_cfg, workdir: Path) -> None:
+    """Refuse a config that does not fit the workdir's checkpoints (one line naming the fields
+    that differ, old -> new, and the fix). Checked only when the workdir holds a checkpoint;
+    the workdir's `config.json` decides the model fields, its `train_config.json` the others
+    (and the model's when `config.json` is missing). Fields missing on either side (added or
+    removed since the workdir was written) and `RESUME_MAY_CHANGE` are not compared."""
+    workdir = Path(workdir)
+    checkpoints = workdir / workdir_lib.WORKDIR_CHECKPOINTS
+    try:
+        has_steps = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    except OSError as e:
+        raise ConfigError(f"cannot read {checkpoints}: {e.strerror}") from e
+    if not has_steps:
+        return
+    fix = (f"restore it, or delete it to have it written again from this config (the "
+           f"checkpoints in {checkpoints} keep the weights)")
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    old: dict = {}
+    train_file = workdir / workdir_lib.TRAIN_CONFIG_FILE
+    if train_file.is_file():
+        old.update(_flatten(read_json_object(train_file, "", fix)))
+    model_file = workdir / stored.CONFIG_FILE
+    if model_file.is_file():
+        old = {k: v for k, v in old.items() if not k.startswith("model.")}
+        new = {k: v for k, v in new.items() if not k.startswith("model.")}
+        old.update(_flatten(read_json_object(model_file, "", fix), "model."))
+        new.update(_flatten(json.loads(stored.config_to_json(model_cfg)), "model."))
+    keys = sorted(old, key=lambda k: (not k.startswith("model."), k))  # the model first
+    diff = [f"{k} {_show(old[k])} -> {_show(new[k])}" for k in keys
+            if k in new and k not in RESUME_MAY_CHANGE and old[k] != new[k]]
+    if diff:
+        shown = ", ".join(diff[:12]) + (f" and {len(diff) - 12} more" if len(diff) > 12 else "")
+        raise ConfigError(
+            f"workdir {workdir} was trained with another config: {shown}; use a new "
+            f"--workdir, or rerun with the workdir's values (its config is {train_file})")
