@@ -2,8 +2,9 @@
 
 Its parts, in the order it calls them:
 
-- `prepare_run`: checks the config, opens the data, builds the mesh, the optimiser and the
-  state's shardings, and writes the config files into the workdir (a `Run`).
+- `prepare_run`: checks the config (and that it fits the workdir's checkpoints), opens the
+  data, builds the mesh, the optimiser and the state's shardings, takes the workdir's lock and
+  writes the config files into the workdir (a `Run`; `with run.lock:` releases the lock).
 - `open_loader`: the training patches (`make_loader` replaces `PairedPatchLoader`).
 - `restore_or_initialise`: the workdir's latest checkpoint, or a fresh state (`init_from`).
 - `compile_train_step` (in `step`): the jitted, donating train step.
@@ -14,7 +15,10 @@ Its parts, in the order it calls them:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,14 +28,16 @@ import ml_collections
 from flax import nnx
 
 from iet_jax import datasets
+from iet_jax.conventions.text import printable
 from iet_jax.datasets import loader as loader_lib
-from iet_jax.io import stored
+from iet_jax.io import files, stored
 from iet_jax.io import workdir as workdir_lib
+from iet_jax.io.lock import WorkdirLock
 from iet_jax.model.network import abstract_model
 from iet_jax.training import optim as optim_lib
 from iet_jax.training import sharding as sharding_lib
 from iet_jax.training import state as ts
-from iet_jax.training.config import ConfigError, validate_config
+from iet_jax.training.config import ConfigError, check_resume, validate_config
 from iet_jax.training.init import load_init_params
 from iet_jax.training.metrics_log import Logger
 from iet_jax.training.step import compile_train_step
@@ -75,48 +81,102 @@ class Run:
     create: Callable  # the fresh train state (`state.create_train_state`)
     shardings: Any  # the train state's shardings (a TrainState tree)
     batch_sharding: Any
+    # The workdir's lock, held from `prepare_run` on (lead process); `with run.lock:` or
+    # `run.lock.release()` leaves it.
+    lock: Any = dataclasses.field(default_factory=contextlib.nullcontext)
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str | Path,
                 devices: Sequence | None = None, *, train_source=None, val_source=None) -> Run:
     """Check the config, open the sources (unless given), build the mesh, the optimiser and
-    the state's shardings, and write config.json and the training config into `workdir`.
-    Every refusal (`ConfigError`) comes before anything is written."""
+    the state's shardings, take the workdir's lock (`WorkdirLock`, lead process) and write
+    config.json and the training config into `workdir` (atomically).
+
+    Every refusal comes before anything is written: `ConfigError` for the config (one that
+    does not fit the workdir's checkpoints: `check_resume`), for a workdir that is a file and
+    for training images smaller than the patch; `WorkdirBusyError` when another trainer holds
+    the workdir; `files.WriteError` when a file cannot be written. The returned `Run` holds
+    the lock: leave it with `with run.lock:` (as `train_and_evaluate` does) or
+    `run.lock.release()`."""
     workdir = Path(workdir).absolute()
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir {workdir} is a file, not a directory; pass a directory "
+                          f"(it is created if missing) as --workdir")
     if devices is None:
         sharding_lib.maybe_initialize_distributed(config.distributed)
     model_cfg = validate_config(config)
+    check_resume(config, model_cfg, workdir)
     if train_source is None:
         train_source, opened_val = open_sources(config)
         val_source = opened_val if val_source is None else val_source
+    check_small_images(config, train_source)
     mesh = sharding_lib.make_mesh(config.mesh, devices)
     sharding_lib.check_batch(config.batch_size, mesh, config.optim.grad_accum_steps,
                              jax.process_count())
     lead = jax.process_index() == 0
+    lock = WorkdirLock(workdir, enabled=lead)
     if lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / stored.CONFIG_FILE).write_text(stored.config_to_json(model_cfg))
-        (workdir / workdir_lib.TRAIN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-    tx, schedule = optim_lib.make_optimizer(config.optim)
-    create = ts.create_train_state(model_cfg, config, tx)
-    with jax.set_mesh(mesh):
-        shardings = sharding_lib.state_shardings(jax.eval_shape(create), mesh,
-                                                 config.param_sharding)
-        batch_sharding = sharding_lib.batch_sharding(mesh)
+        files.make_dirs(workdir)
+        message = lock.acquire()
+        if message:
+            print(message, file=sys.stderr)
+    try:
+        if lead:
+            files.write_text_atomic(workdir / stored.CONFIG_FILE,
+                                    stored.config_to_json(model_cfg))
+            files.write_text_atomic(workdir / workdir_lib.TRAIN_CONFIG_FILE,
+                                    config.to_json_best_effort(indent=2))
+        tx, schedule = optim_lib.make_optimizer(config.optim)
+        create = ts.create_train_state(model_cfg, config, tx)
+        with jax.set_mesh(mesh):
+            shardings = sharding_lib.state_shardings(jax.eval_shape(create), mesh,
+                                                     config.param_sharding)
+            batch_sharding = sharding_lib.batch_sharding(mesh)
+    except BaseException:
+        lock.release()
+        raise
     return Run(config=config, workdir=workdir, model_cfg=model_cfg, train_source=train_source,
                val_source=val_source, mesh=mesh, lead=lead, tx=tx, schedule=schedule,
-               create=create, shardings=shardings, batch_sharding=batch_sharding)
+               create=create, shardings=shardings, batch_sharding=batch_sharding, lock=lock)
+
+
+def check_small_images(config: ml_collections.ConfigDict, source) -> None:
+    """With `data.small_images = 'error'`, refuse training images whose LR side is shorter
+    than the patch, naming them (sources that record their image sizes; others are checked
+    by the loader as it reads them)."""
+    if config.data.get("small_images", "error") != "error":
+        return
+    p, s = config.data.patch_size, config.data.scale
+    found = loader_lib.find_small_images(source, p)
+    if not found or not found[0]:
+        return
+    small, total = found
+    shown = ", ".join(f"{printable(str(name))} (LR {h}x{w}, HR {h * s}x{w * s})"
+                      for name, (h, w) in small[:5]) + (" ..." if len(small) > 5 else "")
+    fits = min(min(h, w) for h, w in source.lr_sizes())
+    raise ConfigError(
+        f"{len(small)} of {total} training images are smaller than the patch (LR {p}x{p}, HR "
+        f"{p * s}x{p * s}): {shown}; lower data.patch_size (every image allows {fits}), or set "
+        f"--config.data.small_images=skip to leave them out")
 
 
 def open_loader(config: ml_collections.ConfigDict, source, make_loader: Callable | None = None):
     """This process's share of the training patches. `make_loader` (default
     `PairedPatchLoader`) is called with the source and `PairedPatchLoader`'s keywords."""
     make_loader = loader_lib.PairedPatchLoader if make_loader is None else make_loader
-    return make_loader(
-        source, scale=config.data.scale, patch_size=config.data.patch_size,
-        global_batch_size=config.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        augment=config.data.augment)
+    with warnings.catch_warnings():  # said below, in one line
+        warnings.simplefilter("ignore", loader_lib.SmallImagesSkipped)
+        loader = make_loader(
+            source, scale=config.data.scale, patch_size=config.data.patch_size,
+            global_batch_size=config.batch_size, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            augment=config.data.augment,
+            small_images=config.data.get("small_images", "error"))
+    skipped = getattr(loader, "num_skipped", 0)
+    if skipped and jax.process_index() == 0:
+        print(f"data.small_images=skip: left out {skipped} of {len(source)} training images "
+              f"smaller than the LR patch {config.data.patch_size}x{config.data.patch_size}")
+    return loader
 
 
 def open_checkpoints(run: Run) -> workdir_lib.Checkpoints:
@@ -247,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     """
     run = prepare_run(config, workdir, devices, train_source=train_source,
                       val_source=val_source)
-    with jax.set_mesh(run.mesh):
+    with run.lock, jax.set_mesh(run.mesh):
         checkpoints = open_checkpoints(run)
         loader = open_loader(config, run.train_source, make_loader)
         state, start, best = restore_or_initialise(run, checkpoints, loader)
