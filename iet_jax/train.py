@@ -3,7 +3,10 @@
 Any config field can be overridden on the command line (`--config.batch_size=32`,
 `--config.model.dtype=bfloat16`, `--config.optim.muon=False`). Rerunning the same command
 resumes from the workdir's latest complete checkpoint and continues exactly as if the run
-had not stopped (same parameters, optimiser state, EMA, and input batches).
+had not stopped (same parameters, optimiser state, EMA, and input batches). A rerun may
+change how long it trains and what it logs, validates and keeps, but not what it computes
+(`iet_jax.training.config.RESUME_MAY_CHANGE`); another config is refused, naming the fields.
+One trainer at a time per workdir (the lock file WORKDIR/.lock).
 
 Semantics:
 - `batch_size` is the global batch over all devices and hosts (split over the mesh's data
@@ -12,52 +15,170 @@ Semantics:
   updates (up to floating-point reordering).
 - Loss: L1 between SR output and HR patch, averaged over pixels and the global batch.
 - Validation uses the EMA weights; PSNR/SSIM on Y with `crop_border = scale`.
+
+A mistake (a config field that does not exist, a config file that is missing, a workdir that
+does not fit, a full disk, ...) is one line on stderr naming it and the fix, and a non-zero
+exit status (2: refused before training; 3: stopped on a non-finite loss; 1: a file could not
+be written); `--verbose` prints the traceback too.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
+import traceback
+from pathlib import Path
 
 import jax
 
+from iet_jax.datasets.loader import SmallImageError
+from iet_jax.io.files import WriteError
+from iet_jax.io.lock import WorkdirBusyError
+from iet_jax.io.stored import CheckpointError
 from iet_jax.training.config import ConfigError
 from iet_jax.training.loop import NonFiniteError, train_and_evaluate
 
+USAGE = ("usage: python -m iet_jax.train --config configs/<recipe>.py --workdir DIR "
+         "[--config.FIELD=VALUE ...] [--verbose]")
 
-def main(argv=None) -> int:
+
+def _one_line(text: str) -> str:
+    """A message on one line: its lines joined ('a:' + 'b' -> 'a: b', else '; ')."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    out = lines[0] if lines else ""
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
+
+
+def _fail(message: str, code: int, verbose: bool) -> int:
+    """Print `message` on one line (after the traceback of the error being handled, if
+    `verbose`) and return the exit status `code`."""
+    if verbose and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    print(_one_line(message), file=sys.stderr)
+    return code
+
+
+def _config_file(argv: list[str]) -> str | None:
+    """The --config value on the command line (None if absent)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config=") or arg.startswith("-config="):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The config fields set on the command line (`--config.a.b=1` -> 'a.b')."""
+    out = []
+    for arg in argv:
+        m = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+        if m:
+            out.append(m.group(1))
+    return out
+
+
+def _unknown_field(path: str, argv: list[str]) -> str | None:
+    """The first `--config.FIELD` that the config does not have, described with the nearest
+    known names; None if they all exist (or the config cannot be loaded again)."""
+    from ml_collections import ConfigDict
+    from ml_collections.config_flags import config_flags as cf
+
+    try:
+        config = cf.ConfigFileFlagParser("config", lock_config=False).parse(path)
+    except Exception:  # noqa: BLE001 - reported by the caller's message
+        return None
+    for override in _overrides(argv):
+        node, done = config, []
+        for part in override.split("."):
+            if not isinstance(node, (ConfigDict, dict)) or part not in node:
+                known = sorted(node.keys()) if isinstance(node, (ConfigDict, dict)) else []
+                where = ".".join(done)
+                near = [k for k in known if "_" in k and part.lower() == "".join(
+                    w[:1] for w in k.split("_"))]  # lr -> learning_rate
+                near += [k for k in difflib.get_close_matches(part, known, n=3, cutoff=0.5)
+                         if k not in near]
+                if near:
+                    hint = "did you mean " + " or ".join(
+                        f"--config.{where + '.' if where else ''}{k}" for k in near) + "?"
+                else:
+                    hint = (f"{where or 'the config'} has: {', '.join(known)}" if known else
+                            f"{where} is not a group of fields")
+                return (f"--config.{override}: the config ({path}) has no field "
+                        f"{'.'.join(done + [part])!r}; {hint}")
+            node, done = node[part], done + [part]
+    return None
+
+
+def _parse(argv: list[str], verbose: bool):
+    """(config, workdir, verbose) from the command line, or an exit status."""
     from absl import flags
     from ml_collections import config_flags
 
-    argv = list(sys.argv if argv is None else argv)
+    path = _config_file(argv)
+    if path is not None:
+        file = Path(path.split(":", 1)[0])
+        if not file.is_file():
+            what = "is a folder" if file.is_dir() else "does not exist"
+            return _fail(f"error: the config file {file} {what}; give a recipe file, e.g. "
+                         f"--config=configs/demo.py (the recipes are in configs/)", 2, verbose)
     flags_ = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "training config file, e.g. configs/demo.py or configs/iet_x2.py:train",
         flag_values=flags_, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "where checkpoints and logs go (resumes if present)",
                         flag_values=flags_)
+    flags.DEFINE_boolean("verbose", False, "print the traceback of an error too",
+                         flag_values=flags_)
     try:
         flags_(argv)
+        config = config_flag.value
+        if config is not None:
+            config.get("batch_size")  # a config file that failed to load raises here
+    except (AttributeError, KeyError) as e:  # a field the config does not have
+        message = _unknown_field(path, argv) if path else None
+        message = message or f"a --config.FIELD the config does not have ({_one_line(e)})"
+        return _fail(f"error: {message}", 2, verbose)
     except flags.Error as e:
-        print(f"error: {e}\nusage: python -m iet_jax.train --config configs/<recipe>.py "
-              f"--workdir DIR [--config.FIELD=VALUE ...]", file=sys.stderr)
-        return 2
-    if config_flag.value is None or not flags_.workdir:
-        print("usage: python -m iet_jax.train --config configs/<recipe>.py --workdir DIR "
-              "[--config.FIELD=VALUE ...]", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}; {USAGE}", 2, verbose)
+    except Exception as e:  # noqa: BLE001 - the config file's own error (syntax, ...)
+        return _fail(f"error: cannot load the config {path}: {type(e).__name__}: "
+                     f"{_one_line(e)}; fix the file or give another --config", 2, verbose)
+    if config is None or not flags_.workdir:
+        return _fail(f"error: --config and --workdir are required; {USAGE}", 2, False)
+    return config, flags_.workdir, verbose or flags_.verbose
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    verbose = any(re.fullmatch(r"--?verbose(=(true|1|True))?", a) for a in argv[1:])
+    parsed = _parse(argv, verbose)
+    if isinstance(parsed, int):
+        return parsed
+    config, workdir, verbose = parsed
     try:
-        summary = train_and_evaluate(config_flag.value, flags_.workdir)
+        summary = train_and_evaluate(config, workdir)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}", 2, verbose)
+    except (WorkdirBusyError, CheckpointError) as e:
+        return _fail(f"error: {e}", 2, verbose)
+    except SmallImageError as e:
+        return _fail(f"error: {e} (data.patch_size, data.small_images=skip)", 2, verbose)
     except NonFiniteError as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 3
+        return _fail(f"stopped: {e}", 3, verbose)
+    except WriteError as e:
+        return _fail(f"error: {e}", 1, verbose)
+    except OSError as e:  # a disk, a permission or a file system; --verbose says where
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return _fail(f"error: {e.strerror or e}{where}; --verbose shows where", 1, verbose)
     val = summary["validation"]
     if val is not None and jax.process_index() == 0:
         print(f"done: step {summary['step']}, validation PSNR {val['psnr']:.3f} dB / SSIM "
               f"{val['ssim']:.4f} (bicubic {summary['bicubic']['psnr']:.3f} dB / "
-              f"{summary['bicubic']['ssim']:.4f}); checkpoints in {flags_.workdir}")
+              f"{summary['bicubic']['ssim']:.4f}); checkpoints in {workdir}")
     return 0
 
 
