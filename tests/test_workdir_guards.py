@@ -59,6 +59,16 @@ def one_line(err: list[str], *words: str) -> str:
     return err[0]
 
 
+def demo_config():
+    """configs/demo.py's config."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_recipe", DEMO)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo.get_config()
+
+
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     """The demo dataset built at x2 (seconds), for the command-line runs."""
@@ -104,14 +114,9 @@ def test_rerun_with_another_config_is_refused_before_writing(tmp_path):
 
 def test_rerun_with_another_config_on_the_command_line(tmp_path, capsys):
     """Refused before the data is opened (the demo dataset is not even built here)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo_recipe", DEMO)
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     workdir = tmp_path / "wd"
     (workdir / "checkpoints" / "250").mkdir(parents=True)
-    cfg = demo.get_config()
+    cfg = demo_config()
     (workdir / "config.json").write_text(stored.config_to_json(model_config_for_training(cfg)))
     (workdir / "train_config.json").write_text(cfg.to_json_best_effort(indent=2))
     before = snapshot(workdir)
@@ -315,7 +320,8 @@ def test_command_line_mistakes_are_one_line(tmp_path, capsys):
 def test_init_from_without_a_complete_checkpoint(tmp_path, capsys):
     source = tmp_path / "stage1"
     (source / "checkpoints" / "1000.orbax-checkpoint-tmp-5").mkdir(parents=True)  # unfinished
-    (source / "config.json").write_text("{}")
+    model = stored.config_to_json(model_config_for_training(demo_config()))
+    (source / "config.json").write_text(model)  # the same architecture, but no weights
     wd = f"--workdir={tmp_path / 'wd'}"
     rc, err = cli(capsys, f"--config={DEMO}", wd, f"--config.init_from={source}")
     assert rc == 2
