@@ -169,7 +169,7 @@ def test_partial_metrics_line_is_dropped_on_resume(tmp_path, capsys):
 # ----------------------------------------------------------------------------- item 12
 
 
-def test_second_trainer_is_refused_and_stale_locks_are_taken_over(tmp_path, capsys):
+def test_second_trainer_is_refused_and_stale_locks_are_taken_over(tmp_path, capsys, demo_data):
     workdir = tmp_path / "wd"
     workdir.mkdir()
     holder = subprocess.Popen(
@@ -192,6 +192,11 @@ def test_second_trainer_is_refused_and_stale_locks_are_taken_over(tmp_path, caps
         # a second trainer writes nothing (here a fresh workdir: its config files)
         with pytest.raises(WorkdirBusyError):
             prepare_run(tiny_config(), workdir, train_source=synthetic_source(4, 0))
+        assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE]
+        rc, err = cli(capsys, f"--config={DEMO}", f"--workdir={workdir}",
+                      f"--config.data.data_dir={demo_data}")
+        assert rc == 2
+        one_line(err, "in use by another trainer", f"pid {holder.pid}", str(lock_file))
         assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE]
     finally:
         holder.kill()
