@@ -36,6 +36,7 @@ from iet_jax.datasets.loader import SmallImageError
 from iet_jax.io.files import WriteError
 from iet_jax.io.lock import WorkdirBusyError
 from iet_jax.io.stored import CheckpointError
+from iet_jax.io.workdir import CheckpointWriteError
 from iet_jax.training.config import ConfigError
 from iet_jax.training.loop import NonFiniteError, train_and_evaluate
 
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
         return _fail(f"error: {e} (data.patch_size, data.small_images=skip)", 2, verbose)
     except NonFiniteError as e:
         return _fail(f"stopped: {e}", 3, verbose)
-    except WriteError as e:
+    except (WriteError, CheckpointWriteError) as e:
         return _fail(f"error: {e}", 1, verbose)
     except OSError as e:  # a disk, a permission or a file system; --verbose says where
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""

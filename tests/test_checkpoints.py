@@ -27,8 +27,10 @@ pytestmark = pytest.mark.xdist_group("tiny_workdir")
 
 
 def run_config(steps: int = 4):
-    cfg = tiny_config(steps=steps)
+    """The trained run's config; `steps` changes only num_steps (a rerun may change it)."""
+    cfg = tiny_config(steps=4)
     cfg.checkpoint_every = 2
+    cfg.num_steps = steps
     return cfg
 
 
