@@ -1,6 +1,7 @@
-"""Shared pytest set-up: tests marked `gpu` run only where JAX sees a GPU, and JAX's
-persistent compilation cache lives in a temporary folder for the session (a run compiles
-the same train step again when a test reruns or resumes it)."""
+"""Shared pytest set-up: tests marked `gpu` run only where JAX sees a GPU, JAX's persistent
+compilation cache lives in a temporary folder for the session (a run compiles the same train
+step again when a test reruns or resumes it), and the `tiny_checkpoint` fixture. Shared helper
+code is in `tiny.py` (models, stand-ins, images), `pth_writer.py` and `seeded_weights.py`."""
 
 import shutil
 import tempfile
@@ -21,6 +22,17 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if _CACHE_DIR is not None:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A model directory (`model_dir.save_model`) of a tiny x2 IET with random weights."""
+    from iet_jax.io import model_dir
+    from tiny import random_model, tiny_model_config
+
+    directory = tmp_path_factory.mktemp("ckpt") / "tiny_x2"
+    model_dir.save_model(directory, random_model(tiny_model_config(2)))
+    return directory
 
 
 def pytest_runtest_setup(item):

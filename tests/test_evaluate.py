@@ -12,7 +12,7 @@ from iet_jax.conventions import metrics
 from iet_jax.conventions.imresize import imresize
 from iet_jax.evaluation import benchmark, inference
 from iet_jax.io import model_dir
-from test_inference import nearest, neighbourly, photo, random_model, tiny_config
+from tiny import nearest, neighbourly, photo
 
 
 def make_source(scale, sizes=((24, 30), (18, 22), (20, 20))):
@@ -84,13 +84,6 @@ def test_markdown_table():
         "| method | scale | Set5 | Urban100 |", "|---|---|---|---|",
         "| bicubic | x4 | 28.00 / 0.8000 | 23.10 / 0.6600 |",
         "| iet_x4 | x4 | 30.00 / 0.9000 | 25.50 / 0.7500 |"]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckpt") / "tiny_x2"
-    model_dir.save_model(directory, random_model(tiny_config(2)))
-    return directory
 
 
 @pytest.fixture

@@ -1,57 +1,13 @@
 """Whole-image, tiled and self-ensembled inference (iet_jax.evaluation.inference)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import skimage.data
-from flax import nnx
 
 from iet_jax.conventions import metrics
 from iet_jax.evaluation import inference
-from iet_jax.model import config
-from iet_jax.model.network import IET, abstract_model, pixel_shuffle
-
-
-# ---------------------------------------------------------------- tiny models shared by tests
-def tiny_config(scale: int = 2):
-    """A 2-block IET with 3x3 / 5x5 windows: min_size() = 5 * 2 = 10 LR pixels."""
-    return config.model_config(
-        embed_dim=8, nattn_dim=8, depths=(1, 1), num_heads=2, scale=scale,
-        upsampler="pixelshuffledirect", mlp_ratio=1.0, local_range=3, sparse_range=5,
-        dilation=2, img_size=10, convffn_kernel_size=3, topk_focus=((34,), (16,)),
-        topk_prop_1=(4, 0), topk_prop_2=(2, 0), topk_prop_3=(8, 0))
-
-
-def random_model(cfg, seed: int = 0):
-    """An IET with random weights, filled in from NumPy (no per-shape init compilations)."""
-    graphdef, state = nnx.split(abstract_model(cfg))
-    rng = np.random.default_rng(seed)
-    state = jax.tree_util.tree_map(
-        lambda a: jnp.asarray(rng.normal(0.0, 0.2, a.shape), a.dtype), state)
-    return nnx.merge(graphdef, state)
-
-
-def photo(h: int, w: int, y0: int = 150, x0: int = 180) -> np.ndarray:
-    return skimage.data.astronaut()[y0:y0 + h, x0:x0 + w].astype(np.float32) / 255.0
-
-
-def nearest(x):
-    """Nearest-neighbour x2: commutes with flips and transposes."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
-nearest.scale = 2
-
-_W = np.random.default_rng(3).normal(0, 0.5, (3, 3 * 9)).astype(np.float32)
-
-
-def pointwise_x3(x):
-    """A 1x1 conv + PixelShuffle(3) + sigmoid: every output pixel sees one input pixel."""
-    return jax.nn.sigmoid(pixel_shuffle(x @ jnp.asarray(_W), 3))
-
-
-pointwise_x3.scale = 3
+from iet_jax.model.network import IET, abstract_model
+from tiny import nearest, neighbourly, photo, pointwise_x3, random_model, tiny_model_config
 
 
 # ---------------------------------------------------------------- self-ensemble
@@ -154,7 +110,7 @@ def test_tile_layout_and_blend_weights_partition_unity():
 
 
 def test_tile_too_small_is_refused_with_the_minimum():
-    model = abstract_model(tiny_config())  # shapes only: nothing compiled
+    model = abstract_model(tiny_model_config())  # shapes only: nothing compiled
     assert model.min_size() == 10
     with pytest.raises(ValueError, match=r"minimum tile is 10 LR pixels.*sparse_range 5 x dilation 2"):
         inference.Upscaler(model, tile=8)
@@ -177,7 +133,7 @@ TINY_TILED_PSNR_BOUND = 32.0
 
 
 def test_tiny_iet_tiled_close_to_whole_and_compiles_once(monkeypatch):
-    model = random_model(tiny_config())
+    model = random_model(tiny_model_config())
     x = photo(40, 52)
     up = inference.Upscaler(model, tile=12, overlap=6)
     whole = inference.Upscaler(model)(x)
@@ -203,24 +159,6 @@ def test_tiny_iet_tiled_close_to_whole_and_compiles_once(monkeypatch):
 
 
 # ---------------------------------------------------------------- the official split test
-def neighbourly(x):
-    """x2 stand-in whose output depends on the neighbourhood and on the input's size.
-
-    A 3x3 box blur (edge pixels repeated) plus a pattern over the whole input: a pixel
-    computed by the wrong patch, or at the wrong place in its patch, comes out different.
-    """
-    h, w = x.shape[1:3]
-    p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
-    blur = sum(p[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
-    ys = jnp.arange(2 * h, dtype=jnp.float32)[:, None]
-    xs = jnp.arange(2 * w, dtype=jnp.float32)[None, :]
-    pattern = jnp.sin(0.37 * ys + 0.11 * h) * jnp.cos(0.23 * xs + 0.07 * w)
-    return nearest(blur) + 0.1 * pattern[None, :, :, None]
-
-
-neighbourly.scale = 2
-
-
 def split_oracle(forward, img: np.ndarray, split: int, scale: int) -> np.ndarray:
     """The official split test restated from its rule, output pixel by output pixel.
 
@@ -350,7 +288,7 @@ def test_split_option_errors():
 
 
 def test_tiny_iet_split_is_the_stitched_patches():
-    model = random_model(tiny_config())
+    model = random_model(tiny_model_config())
     x = photo(31, 37)  # split 20: padded to 32 x 38, 2 x 2 parts of 16 x 19 reaching 1 further
     whole = inference.Upscaler(model)
     got = inference.Upscaler(model, split=20)(x)
@@ -362,7 +300,7 @@ def test_tiny_iet_split_is_the_stitched_patches():
 def test_tile_is_clamped_to_the_image():
     """A tile larger than the image is not padded: where it covers the image, the result is
     the whole-image one (the model pads a short side itself, as for the whole image)."""
-    model = random_model(tiny_config())  # min_size 10
+    model = random_model(tiny_model_config())  # min_size 10
     whole = inference.Upscaler(model)
     for size, tile in [((14, 17), 24), ((14, 17), 17), ((8, 9), 12)]:
         x = photo(*size)
@@ -395,7 +333,7 @@ def test_auto_tile_above():
     np.testing.assert_allclose(got, inference.Upscaler(pointwise_x3, tile=10, overlap=2)(large),
                                rtol=0, atol=0)
     # The automatic tile is never below what the model accepts.
-    model = abstract_model(tiny_config())  # min_size 10
+    model = abstract_model(tiny_model_config())  # min_size 10
     assert inference.Upscaler(model, auto_tile_above=64).auto_tile == 17  # > overlap 16
     assert inference.Upscaler(model, auto_tile_above=64, overlap=3).auto_tile == 10
     assert inference.Upscaler(model, auto_tile_above=0).auto_tile is None  # 0: never
@@ -419,7 +357,7 @@ def _advised(message: str) -> list[dict]:
 
 
 def test_every_tile_advice_is_accepted():
-    model = abstract_model(tiny_config())  # min_size 10; nothing compiled
+    model = abstract_model(tiny_model_config())  # min_size 10; nothing compiled
     for tile, overlap, batch in [(8, 16, 4), (7, 4, 1), (12, 12, 4), (12, 30, 4), (12, -1, 4),
                                  (5, -3, 4), (0, 16, 4), (20, 4, 0), (10, 10, 2)]:
         settings = dict(tile=tile, overlap=overlap, tile_batch=batch)

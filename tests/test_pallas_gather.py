@@ -13,6 +13,7 @@ import pytest
 
 from iet_jax.kernels import gather, reference
 from iet_jax.kernels import pallas_gather as pg
+from tiny import tiny_model_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -106,14 +107,10 @@ def test_deterministic_scatter_repeats_bits():
 def tiny_light_config():
     """IET-light's structure (3 heads, pixelshuffledirect, rpb, cascade, prune, propagation)
     with 2 blocks, 3x3 + dilated 5x5 windows (K = 34) and 10x10 inputs, in float64."""
-    from iet_jax.model import config
-
-    return config.model_config(
-        embed_dim=12, nattn_dim=12, num_heads=3, depths=(2, 1), scale=2,
-        upsampler="pixelshuffledirect", mlp_ratio=1.0, convffn_kernel_size=3,
-        local_range=3, sparse_range=5, dilation=2, img_size=10,
-        topk_focus=((34, 20), (12,)), topk_prop_1=(4, 0), topk_prop_2=(2, 0),
-        topk_prop_3=(6, 0), dtype="float64", param_dtype="float64", gather_impl="xla")
+    return tiny_model_config(
+        embed_dim=12, nattn_dim=12, num_heads=3, depths=(2, 1),
+        topk_focus=((34, 20), (12,)), topk_prop_3=(6, 0), dtype="float64",
+        param_dtype="float64", gather_impl="xla")
 
 
 def test_tiny_model_training_step_pallas_matches_xla(monkeypatch):

@@ -11,7 +11,7 @@ from PIL import Image
 from iet_jax import upscale
 from iet_jax.evaluation import inference, pictures
 from iet_jax.io import model_dir
-from test_inference import photo, pointwise_x3, random_model, tiny_config
+from tiny import photo, pointwise_x3
 
 
 def write_png16(path, values, greyscale=False, alpha=False):
@@ -85,13 +85,6 @@ def test_output_names():
         Path("o/x_png.png"), Path("o/x_jpg.png"), Path("o/s/y.png")]
     assert pictures.output_paths(jobs, Path("o"), True) == [
         Path("o/x.png"), Path("o/x.jpg"), Path("o/s/y.webp")]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("ckpt") / "tiny_x2"
-    model_dir.save_model(directory, random_model(tiny_config(2)))
-    return directory
 
 
 def test_cli_end_to_end(folder, tiny_checkpoint, tmp_path, capsys):
