@@ -67,15 +67,21 @@ def read_item(workdir, step: int, item: str):
     return jax.tree.map(np.asarray, workdir_lib.read_step(workdir, step).items[item])
 
 
-def test_tiny_run(tmp_path):
-    """One compiled run serves all checks (pytest-xdist would rebuild a shared fixture)."""
-    workdir = tmp_path / "train"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(workdir, config, summary) of an 8-step run: a checkpoint every step, validation at 8.
+    The tests that use it share one worker (`xdist_group`), so it runs once."""
+    workdir = tmp_path_factory.mktemp("train") / "wd"
     cfg = tiny_config(steps=8)
     cfg.eval_every = 8
     summary = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0),
-                                       val_source=synthetic_source(2, 1))
+                                 val_source=synthetic_source(2, 1))
+    return workdir, cfg, summary
 
-    # the loss falls on data; validation ran; metrics.jsonl has every step
+
+@pytest.mark.xdist_group("tiny_run")
+def test_loss_falls_validation_runs_and_every_step_is_logged(tiny_run):
+    workdir, _, summary = tiny_run
     losses = [loss for _, loss in summary["history"]]
     assert len(losses) == 8
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
@@ -86,7 +92,11 @@ def test_tiny_run(tmp_path):
     assert any("val/psnr" in r for r in records)
     assert {"train/lr", "train/grad_norm"} <= set(records[0])
 
-    # EMA: ema_5 = d * ema_4 + (1 - d) * params_5, exactly as float32 computes it
+
+@pytest.mark.xdist_group("tiny_run")
+def test_ema_follows_its_decay(tiny_run):
+    """ema_5 = d * ema_4 + (1 - d) * params_5, exactly as float32 computes it."""
+    workdir, cfg, _ = tiny_run
     d = cfg.ema_decay
     ema4, ema5 = read_item(workdir, 4, "ema"), read_item(workdir, 5, "ema")
     params5 = read_item(workdir, 5, "params")
@@ -97,23 +107,40 @@ def test_tiny_run(tmp_path):
                                                           jax.tree.leaves(params5)))
     assert lag > 1e-4  # and it really lags the parameters
 
-    # the workdir: load_model gives the EMA weights of the latest (= best) checkpoint
+
+@pytest.mark.xdist_group("tiny_run")
+def test_load_model_reads_the_latest_ema_and_the_checkpoint_its_input_position(tiny_run):
+    from flax import nnx
+
+    workdir = tiny_run[0]
     assert workdir_lib.is_training_workdir(workdir)
     assert workdir_lib.workdir_steps(workdir)[-1] == 8
-    assert workdir_lib.read_step(workdir, "best").step == 8
-    from flax import nnx
+    assert workdir_lib.read_step(workdir, "best").step == 8  # validated only at 8
     model = model_dir.load_model(workdir)
     loaded = stored.with_str_keys(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(read_item(workdir, 8, "ema"))):
         np.testing.assert_array_equal(np.asarray(a), b)
-    assert workdir_lib.read_step(workdir, 8).loader["step"] == 8  # the input position: the next batch is batch 8
+    assert workdir_lib.read_step(workdir, 8).loader["step"] == 8  # the next batch is batch 8
 
-    # rerunning a finished run trains nothing
+
+@pytest.mark.xdist_group("tiny_run")
+def test_rerunning_a_finished_run_trains_nothing(tiny_run):
+    workdir, cfg, _ = tiny_run
     again = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     assert again["start_step"] == 8 and again["history"] == [] and again["step"] == 8
 
-    # non-finite loss at step 10: stop naming the step, keep the last good checkpoint
+
+@pytest.mark.xdist_group("tiny_run")
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(tiny_run, tmp_path):
+    """A NaN batch at update 10: 'stop' names the step and keeps checkpoint 9; 'skip' goes
+    on to 11 with finite parameters and counts the skipped step."""
+    import shutil
+
     from iet_jax.datasets import loader as loader_lib
+
+    workdir = tmp_path / "wd"
+    shutil.copytree(tiny_run[0], workdir)
+    cfg = tiny_run[1].copy_and_resolve_references()
 
     class Poisoned(loader_lib.PairedPatchLoader):
         def __next__(self):
