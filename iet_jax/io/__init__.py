@@ -7,5 +7,8 @@
   parameter trees with string keys), and `CheckpointError` for what cannot be loaded.
 - `model_dir`: a model directory (`config.json` + `params/`): `save_model`, `load_model`
   (which also reads a training workdir's weights).
-- `workdir`: the training workdir: its checkpoints, written (`Checkpoints`) and read.
+- `workdir`: the training workdir's checkpoints: written, listed, verified against their
+  checksums and read (`Checkpoints`, `read_step`), the newest intact step as "latest".
+- `files`: small files written atomically (`write_text_atomic`, `append_line`, `WriteError`).
+- `lock`: the training workdir's lock (`WorkdirLock`): one trainer per workdir.
 """
