@@ -28,7 +28,7 @@ class TrainState:
     ema: Any
     opt_state: Any
     rng: jax.Array  # uint32 key data (reserved for stochastic training; saved and restored)
-    skipped: jax.Array  # int32: steps skipped for non-finite loss/gradients
+    skipped: jax.Array  # int32: steps skipped (non-finite loss/gradients or new state)
 
 
 def to_items(state: TrainState) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The train step: L1 loss, gradients (optionally over micro-batches), the optimiser update and
 the EMA, as one function of (state, batch) for `jax.jit`.
 
-A step whose loss or gradient norm is not finite changes nothing but the counters
-(`skipped`); the loop decides whether to stop.
+A step whose loss or gradient norm is not finite, or whose update would make the parameters,
+the EMA or the optimiser state non-finite, changes nothing but the counters (`skipped`); the
+loop decides whether to stop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from flax import nnx
 from iet_jax.model.network import abstract_model
 from iet_jax.training import sharding as sharding_lib
 from iet_jax.training import state as ts
+
+
+def all_finite(tree) -> jax.Array:
+    """One boolean: every floating-point leaf of `tree` is finite (integer leaves, such as
+    optax's step counts, cannot be NaN or inf and are not read)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
 def accumulate_gradients(loss_fn, params, batch: dict, steps: int, acc_dtype=jnp.float32):
@@ -44,7 +53,11 @@ def accumulate_gradients(loss_fn, params, batch: dict, steps: int, acc_dtype=jnp
 
 
 def make_train_step(config, graphdef, tx, schedule, compute_dtype):
-    """step(state, batch) -> (new state, metrics): the function `compile_train_step` jits."""
+    """step(state, batch) -> (new state, metrics): the function `compile_train_step` jits.
+
+    The metrics hold the loss, gradient norm and rate, and three booleans: `finite` (the
+    update was applied), `finite_grads` (the loss and gradient norm were finite) and
+    `finite_update` (the new parameters, EMA and optimiser state were finite)."""
     accum = config.optim.grad_accum_steps
     decay = float(config.ema_decay)
     acc_dtype = jnp.float64 if compute_dtype == jnp.float64 else jnp.float32
@@ -59,7 +72,9 @@ def make_train_step(config, graphdef, tx, schedule, compute_dtype):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ts.ema_update(state.ema, params, decay)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite_grads = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite_update = all_finite((params, ema, opt_state))
+        ok = finite_grads & finite_update
 
         def keep(new, old):  # a non-finite step changes nothing but the counters
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -70,7 +85,8 @@ def make_train_step(config, graphdef, tx, schedule, compute_dtype):
             skipped=state.skipped + (~ok).astype(jnp.int32))
         metrics = {"loss": loss.astype(jnp.float32), "grad_norm": grad_norm.astype(jnp.float32),
                    "lr": schedule(state.step),
-                   "finite": ok}
+                   "finite": ok, "finite_grads": finite_grads,
+                   "finite_update": finite_update}
         return new_state, metrics
 
     return step
