@@ -40,11 +40,12 @@ from iet_jax.training import state as ts
 from iet_jax.training.config import ConfigError, check_resume, validate_config
 from iet_jax.training.init import load_init_params
 from iet_jax.training.metrics_log import Logger
-from iet_jax.training.step import compile_train_step
+from iet_jax.training.step import all_finite, compile_train_step
 from iet_jax.training.validation import Validator
 
 class NonFiniteError(FloatingPointError):
-    """Loss or gradients became NaN/inf (config.nonfinite = 'stop')."""
+    """Loss or gradients became NaN/inf, or an update would have made the state NaN/inf
+    (config.nonfinite = 'stop'); or a state to save is not finite (never saved)."""
 
 
 def open_sources(config: ml_collections.ConfigDict):
@@ -248,24 +249,39 @@ class StepMonitor:
             if self.config.nonfinite == "stop":
                 self.stop(done, m)
             self.skipped += 1
-            self.logger.message(f"step {done}: non-finite loss or gradients, update skipped "
+            self.logger.message(f"step {done}: {nonfinite_cause(m)}, update skipped "
                                 f"({self.skipped} so far)")
         self.logger.progress(1, loss=m["loss"], lr=m["lr"])
         if done % self.config.log_every == 0 or done == self.config.num_steps:
-            m.pop("finite")
+            for flag in ("finite", "finite_grads", "finite_update"):
+                m.pop(flag, None)
             self.logger.scalars(done, {**m, "skipped": self.skipped})
 
     def stop(self, done: int, m: dict):
         """Close the checkpoints and the log, and raise NonFiniteError naming the step."""
         self.checkpoints.close()
         self.logger.close()
-        last = self.checkpoints.latest_step()
         raise NonFiniteError(
-            f"non-finite loss or gradients at step {done} (loss {m['loss']}, "
-            f"gradient norm {m['grad_norm']}); the update was not applied. Last "
-            f"good checkpoint: step {last} in {self.checkpoints.directory}. Lower "
-            f"optim.learning_rate, set optim.grad_clip_norm, or use "
+            f"{nonfinite_cause(m)} at step {done} (loss {m['loss']}, gradient norm "
+            f"{m['grad_norm']}); the update was not applied. {restart_point(self.checkpoints)}. "
+            f"Lower optim.learning_rate, set optim.grad_clip_norm, or use "
             f"--config.nonfinite=skip to skip such steps")
+
+
+def nonfinite_cause(m: dict) -> str:
+    """Why a step's update was not applied, from its fetched metrics."""
+    if m.get("finite_grads"):  # finite loss and gradients: the new state was not finite
+        return "the update made the parameters, EMA or optimiser state non-finite"
+    return "non-finite loss or gradients"
+
+
+def restart_point(checkpoints: workdir_lib.Checkpoints) -> str:
+    """Where a rerun of a stopped run starts, as a sentence."""
+    last = checkpoints.latest_step()
+    if last is None:
+        return (f"No checkpoint was saved yet in {checkpoints.directory}: a rerun starts again "
+                f"from scratch (or from config.init_from when set)")
+    return f"Last good checkpoint: step {last} in {checkpoints.directory}"
 
 
 def make_validator(run: Run) -> Validator | None:
@@ -287,8 +303,17 @@ def validate(validator: Validator, ema, step: int, logger: Logger, images: int) 
     return scores
 
 
+_state_is_finite = jax.jit(lambda state: all_finite((state.params, state.ema, state.opt_state)))
+
+
 def save_checkpoint(checkpoints: workdir_lib.Checkpoints, state, loader, step: int, best,
                     scores: dict | None) -> None:
+    """Save `state` as checkpoint `step`. A state with a NaN or inf in its parameters, EMA or
+    optimiser state is never saved (the train step never makes one): NonFiniteError."""
+    if not bool(jax.device_get(_state_is_finite(state))):
+        raise NonFiniteError(
+            f"refusing to save step {step}: its parameters, EMA or optimiser state are not "
+            f"finite. {restart_point(checkpoints)}")
     meta = {"step": step, "best_psnr": best}
     if scores is not None:
         meta.update(val_psnr=scores["psnr"], val_ssim=scores["ssim"])
