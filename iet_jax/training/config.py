@@ -9,6 +9,7 @@ uses (`model_config_for_training`: bfloat16 compute keeps float32 parameters).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,7 @@ def training_config(*, model: ml_collections.ConfigDict, dataset: str, patch_siz
     # scratch). Parameters from its `params`, EMA from its `params_ema` (a workdir's params and
     # ema); a source holding one set starts both from it.
     config.init_from = init_from
-    config.nonfinite = "stop"  # non-finite loss/gradients: "stop" or "skip" (and count)
+    config.nonfinite = "stop"  # non-finite loss/gradients/new state: "stop" or "skip" (count)
 
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3  # the latest N are kept, plus the best by validation PSNR
@@ -224,8 +225,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     if config.param_sharding not in ("replicate", "fsdp"):
         raise ConfigError(f"param_sharding must be 'replicate' or 'fsdp', got "
                           f"{config.param_sharding!r}")
-    if config.optim.learning_rate <= 0:
-        raise ConfigError(f"optim.learning_rate must be positive, got {config.optim.learning_rate}")
+    check_learning_rate(config.optim)
     if config.optim.muon_variant not in optim_lib.MUON_VARIANTS:
         raise ConfigError(f"optim.muon_variant must be one of {optim_lib.MUON_VARIANTS}, got "
                           f"{config.optim.muon_variant!r}")
@@ -233,6 +233,37 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         raise ConfigError(f"optim.milestones must be increasing, got {config.optim.milestones}")
     check_init_from(config, model_cfg)
     return model_cfg
+
+
+# The largest rate any parameter group may use. A step moves each weight by up to about the
+# rate under Adam (its normalised update is at most about 1 per weight) and each kernel by
+# about the rate in spectral norm under Muon (orthogonalised update), while IET's weights are of
+# order 0.1 or less and the official rates are 2e-5 to 5e-4 (Muon's at most 3e-3): above 1,
+# every step would move the weights by more than their size.
+MAX_LEARNING_RATE = 1.0
+
+
+def check_learning_rate(optim: ml_collections.ConfigDict) -> None:
+    """The base rate must be finite and positive, and no group's rate above MAX_LEARNING_RATE
+    (Muon's is `optim.muon_lr_scale` times the base rate)."""
+
+    def number(value) -> float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return math.nan
+
+    scale = number(optim.muon_lr_scale) if optim.muon else 1.0
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"optim.muon_lr_scale must be finite and positive, got "
+                          f"{optim.muon_lr_scale!r}")
+    top = MAX_LEARNING_RATE / scale
+    rate = number(optim.learning_rate)
+    if not (math.isfinite(rate) and 0 < rate <= top):
+        why = (f" (Muon's rate, optim.muon_lr_scale = {scale:g} times it, may be at most "
+               f"{MAX_LEARNING_RATE:g})" if optim.muon else "")
+        raise ConfigError(f"optim.learning_rate must be finite with 0 < optim.learning_rate <= "
+                          f"{top:g}{why}, got {optim.learning_rate!r}")
 
 
 def check_init_from(config: ml_collections.ConfigDict, model_cfg) -> None:
