@@ -18,6 +18,7 @@ import argparse
 import hashlib
 from pathlib import Path
 
+from iet_jax.conventions.text import printable
 from iet_jax.io import model_dir, official
 from iet_jax.model import config as config_lib
 
@@ -37,15 +38,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="official net_g_*.pth")
     parser.add_argument("--output", required=True, type=Path, help="directory to write")
     parser.add_argument("--dtype", default="float32", choices=config_lib.DTYPES)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model directory --output if it holds one already")
     args = parser.parse_args(argv)
+    output = args.output
+    if output.exists() and not output.is_dir():
+        parser.exit(2, f"error: --output {printable(str(output))} is a file; give a folder "
+                       f"(made if missing)\n")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        parser.exit(2, f"error: --output {printable(str(output))} is not empty; give a new "
+                       f"folder, or --overwrite to replace the model directory there\n")
     try:
         model, which = official.convert_official(args.official_options, args.checkpoint,
                                                  args.dtype)
+        digest = _sha256(args.checkpoint)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
-    out = model_dir.save_model(args.output, model, metadata={
+    except OSError as e:  # a permission, a disk
+        parser.exit(2, f"error: cannot read {printable(str(e.filename or args.checkpoint))}: "
+                       f"{e.strerror or e}\n")
+    out = model_dir.save_model(output, model, metadata={
         "official_options": str(args.official_options), "checkpoint": str(args.checkpoint),
-        "checkpoint_sha256": _sha256(args.checkpoint), "state_dict_key": which,
+        "checkpoint_sha256": digest, "state_dict_key": which,
     })
     print(f"wrote {out} ({which} of {args.checkpoint.name}, x{model.config.scale})")
 

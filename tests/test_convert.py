@@ -122,3 +122,38 @@ def test_options_without_network_g(tmp_path):
     bad.write_text("name: x\nscale: 2\n")
     with pytest.raises(ValueError, match="no network_g section"):
         official.from_options_file(bad)
+
+
+def test_command_line_mistakes_are_one_line(tmp_path, capsys):
+    """Each mistake: exit 2 and one `error:` line naming it; nothing written."""
+    listed = tmp_path / "listed.yml"
+    listed.write_text("network_g:\n  - type: IET\n")
+    broken = tmp_path / "broken.yml"
+    broken.write_text("network_g: {type: IET\n")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("the user's")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = {
+        "network_g a list": ([listed, WEIGHTS, tmp_path / "o"], "network_g is a list"),
+        "YAML that does not parse": ([broken, WEIGHTS, tmp_path / "o"], "cannot read"),
+        "options a folder": ([tmp_path, WEIGHTS, tmp_path / "o"], "is a folder, not an option"),
+        "checkpoint a folder": ([OPTIONS, tmp_path, tmp_path / "o"], "is a folder, not a .pth"),
+        "output not empty": ([OPTIONS, WEIGHTS, kept], "is not empty; give a new folder, or "
+                                                       "--overwrite"),
+        "output a file": ([OPTIONS, WEIGHTS, a_file], "is a file; give a folder"),
+    }
+    for name, ((options, weights, output), says) in cases.items():
+        with pytest.raises(SystemExit) as exit_:
+            convert.main(["--official-options", str(options), "--checkpoint", str(weights),
+                          "--output", str(output)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2, name
+        assert err.startswith("error: ") and err.count("\n") == 1 and says in err, (name, err)
+    assert not (tmp_path / "o").exists()
+    assert sorted(p.name for p in kept.iterdir()) == ["mine.txt"]
+    assert a_file.read_text() == "x"
+    convert.main(["--official-options", str(OPTIONS), "--checkpoint", str(WEIGHTS),
+                  "--output", str(kept), "--overwrite"])
+    assert model_dir.load_model(kept).config.scale == official.from_options_file(OPTIONS).scale

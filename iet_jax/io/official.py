@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from iet_jax.conventions.text import printable
 from iet_jax.io import pth
 from iet_jax.model import config as config_lib
 from iet_jax.model.network import IET, Bottleneck, SimilarityFFN, abstract_model
@@ -225,10 +226,28 @@ def from_options_file(path: str | Path, **overrides: Any) -> ml_collections.Conf
     import yaml
 
     path = Path(path)
+    shown = printable(str(path), 500)
+    if path.is_dir():
+        raise ValueError(f"{shown} is a folder, not an option file; give the official "
+                         f"options/test/*.yml of the checkpoint")
     if not path.is_file():
-        raise FileNotFoundError(f"official option file not found: {path}")
-    with path.open() as f:
-        options = yaml.safe_load(f)
+        raise FileNotFoundError(f"official option file not found: {shown}")
+    try:
+        with path.open() as f:
+            options = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]
+        raise ValueError(f"cannot read {shown} as YAML ({printable(reason)}); give the "
+                         f"official options/test/*.yml of the checkpoint") from e
     if not isinstance(options, dict) or "network_g" not in options:
-        raise ValueError(f"{path} has no network_g section; is it a BasicSR option file?")
-    return from_network_g(options["network_g"], **overrides)
+        raise ValueError(f"{shown} has no network_g section; is it a BasicSR option file?")
+    network_g = options["network_g"]
+    if not isinstance(network_g, dict):
+        raise ValueError(f"{shown}: network_g is a {type(network_g).__name__}, not the mapping "
+                         f"of network fields a BasicSR option file has (type: IET, upscale: "
+                         f"..., embed_dim: ...)")
+    try:
+        return from_network_g(network_g, **overrides)
+    except (TypeError, KeyError, AttributeError) as e:  # a field of the wrong kind
+        raise ValueError(f"{shown}: network_g is not an IET network ({printable(str(e))})"
+                         ) from e

@@ -450,6 +450,9 @@ def load_pth(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = os.fspath(path)
     shown = printable(path, 500)
+    if os.path.isdir(path):
+        raise ValueError(f"{shown} is a folder, not a .pth file; give the official "
+                         f"checkpoint file (e.g. net_g_*.pth)")
     with open(path, "rb") as f:
         head = f.read(4)
         f.seek(0)
