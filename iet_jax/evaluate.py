@@ -84,22 +84,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def open_datasets(wanted, scale: int, data_dir) -> tuple[dict, list[str]]:
+    """(name -> source, problems): every dataset opened before any compute."""
+    sources, problems = {}, []
+    for name, split in wanted:
+        try:
+            sources[name] = datasets.open_source(name, split, scale, data_dir=data_dir)
+        except datasets.DatasetNotBuiltError as e:
+            problems.append(f"dataset {shown(name)} (x{scale}) is not built; build it with:\n"
+                            f"  {shown(e)}")
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"dataset {shown(name)}: {shown(e)}")
+    return sources, problems
+
+
+def score_datasets(upscaler: inference.Upscaler, sources: dict, args) -> dict | None:
+    """name -> scores of each dataset, printed as they come; None (after an error line) if
+    one fails."""
+    results = {}
+    for name, source in sources.items():
+        save = None if args.save_images is None else Path(args.save_images) / name
+        try:
+            res = evaluate_source(upscaler, source, upscaler.scale, save_dir=save,
+                                  bicubic=not args.no_bicubic, limit=args.limit,
+                                  progress=not args.no_progress, desc=shown(name))
+        except ValueError as e:
+            error(e, args.verbose)
+            return None
+        except Exception as e:  # noqa: BLE001 - out of memory: say what to change
+            if not inference.is_out_of_memory(e):
+                raise
+            error(f"dataset {shown(name)}: {type(e).__name__}: {shown(e)}; "
+                  f"{inference.memory_advice(upscaler)}", args.verbose)
+            return None
+        results[name] = res
+        ref = (f"  (bicubic {format_scores(res['bicubic_psnr'], res['bicubic_ssim'])})"
+               if "bicubic_psnr" in res else "")
+        print(f"{shown(DISPLAY_NAMES.get(name, name))}: {res['count']} images, "
+              f"{format_scores(res['psnr'], res['ssim'])}{ref}, {res['seconds']:.1f} s", flush=True)
+    return results
+
+
+def write_results(out: Path, label: str, upscaler: inference.Upscaler, wanted, results: dict,
+                  table: str, args) -> None:
+    """results.json (settings and scores) and results.md (the table), each written whole."""
+    scale = upscaler.scale
+    settings = {"checkpoint": str(Path(args.checkpoint).absolute()), "scale": scale,
+                "splits": dict(wanted), "self_ensemble": args.self_ensemble,
+                "protocol": upscaler.protocol, "split_patch": upscaler.split,
+                "tile": args.tile, "tile_overlap": args.tile_overlap if args.tile else None,
+                "dtype": str(upscaler.model.config.dtype), "limit": args.limit,
+                "metric": "PSNR (dB) / SSIM on Y (BT.601), uint8, border = scale"}
+    with atomic_output(out / "results.json") as temp:
+        temp.write_text(json.dumps({"settings": settings, "datasets": results}, indent=1))
+    extras = ", ".join(s for s in (
+        describe_protocol(upscaler), "x8 self-ensemble" if args.self_ensemble else "") if s)
+    md = (f"# {label} x{scale}\n\nPSNR (dB) / SSIM on the Y channel, {scale} border pixels "
+          "cropped; splits: " + ", ".join(f"{n} `{sp}`" for n, sp in wanted)
+          + f"; {extras}.\n\n{table}\n")
+    with atomic_output(out / "results.md") as temp:
+        temp.write_text(md)
+    print(f"\nwrote {shown(out / 'results.json')} and {shown(out / 'results.md')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        wanted = parse_datasets(args.datasets, args.dataset_split)
-    except ValueError as e:
-        error(e, args.verbose)
-        return 2
     folders = [(folder, flag) for folder, flag in (
         (args.output, "--output"), (args.save_images, "--save-images")) if folder is not None]
-    try:  # the output folders first: refused before the checkpoint and any compute
+    try:  # the datasets' names and the output folders first: before the checkpoint
+        wanted = parse_datasets(args.datasets, args.dataset_split)
         for folder, flag in folders:
             prepare_folder(folder, flag, make=False)
-    except ValueError as e:
-        error(e, args.verbose)
-        return 2
-    try:
         model = load_checkpoint(args.checkpoint, args.dtype, args.verbose)
         split = inference.OFFICIAL_SPLIT if args.official_split else None
         upscaler = inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
@@ -108,22 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     except (model_dir.CheckpointError, FileNotFoundError, ValueError) as e:
         error(e, args.verbose)
         return 2
-    scale = upscaler.scale
-    if args.scale is not None and args.scale != scale:
-        error(f"the checkpoint upscales x{scale}, not x{args.scale}")
+    if args.scale is not None and args.scale != upscaler.scale:
+        error(f"the checkpoint upscales x{upscaler.scale}, not x{args.scale}")
         return 2
-    sources, problems = {}, []
-    for name, split in wanted:  # open every dataset first: fail before any compute
-        try:
-            sources[name] = datasets.open_source(name, split, scale, data_dir=args.data_dir)
-        except datasets.DatasetNotBuiltError as e:
-            problems.append(f"dataset {shown(name)} (x{scale}) is not built; build it with:\n"
-                            f"  {shown(e)}")
-        except (FileNotFoundError, ValueError) as e:
-            problems.append(f"dataset {shown(name)}: {shown(e)}")
+    sources, problems = open_datasets(wanted, upscaler.scale, args.data_dir)
+    for message in problems:
+        error(message)
     if problems:
-        for msg in problems:
-            error(msg)
         return 1
     try:
         for folder, flag in folders:
@@ -131,50 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         error(e, args.verbose)
         return 2
-    label = shown(Path(args.checkpoint).name or "model")
-    settings = {"checkpoint": str(Path(args.checkpoint).absolute()), "scale": scale,
-                "splits": dict(wanted), "self_ensemble": args.self_ensemble,
-                "protocol": upscaler.protocol, "split_patch": upscaler.split,
-                "tile": args.tile, "tile_overlap": args.tile_overlap if args.tile else None,
-                "dtype": str(model.config.dtype), "limit": args.limit,
-                "metric": "PSNR (dB) / SSIM on Y (BT.601), uint8, border = scale"}
     print(f"protocol: {describe_protocol(upscaler)}", flush=True)
-    results = {}
-    for name, source in sources.items():
-        save = None if args.save_images is None else Path(args.save_images) / name
-        try:
-            res = evaluate_source(upscaler, source, scale, save_dir=save,
-                                  bicubic=not args.no_bicubic, limit=args.limit,
-                                  progress=not args.no_progress, desc=shown(name))
-        except ValueError as e:
-            error(e, args.verbose)
-            return 1
-        except Exception as e:  # noqa: BLE001 - out of memory: say what to change
-            if not inference.is_out_of_memory(e):
-                raise
-            error(f"dataset {shown(name)}: {type(e).__name__}: {shown(e)}; "
-                  f"{inference.memory_advice(upscaler)}", args.verbose)
-            return 1
-        results[name] = res
-        ref = (f"  (bicubic {format_scores(res['bicubic_psnr'], res['bicubic_ssim'])})"
-               if "bicubic_psnr" in res else "")
-        print(f"{shown(DISPLAY_NAMES.get(name, name))}: {res['count']} images, "
-              f"{format_scores(res['psnr'], res['ssim'])}{ref}, {res['seconds']:.1f} s", flush=True)
-    table = markdown_table(results, scale, label)
+    results = score_datasets(upscaler, sources, args)
+    if results is None:
+        return 1
+    label = shown(Path(args.checkpoint).name or "model")
+    table = markdown_table(results, upscaler.scale, label)
     print()
     print(shown(table, keep_newlines=True))
     if args.output is not None:
-        out = Path(args.output)
-        with atomic_output(out / "results.json") as temp:
-            temp.write_text(json.dumps({"settings": settings, "datasets": results}, indent=1))
-        extras = ", ".join(s for s in (
-            describe_protocol(upscaler), "x8 self-ensemble" if args.self_ensemble else "") if s)
-        md = (f"# {label} x{scale}\n\nPSNR (dB) / SSIM on the Y channel, {scale} border pixels "
-              "cropped; splits: " + ", ".join(f"{n} `{sp}`" for n, sp in wanted)
-              + f"; {extras}.\n\n{table}\n")
-        with atomic_output(out / "results.md") as temp:
-            temp.write_text(md)
-        print(f"\nwrote {shown(out / 'results.json')} and {shown(out / 'results.md')}")
+        write_results(Path(args.output), label, upscaler, wanted, results, table, args)
     return 0
 
 
