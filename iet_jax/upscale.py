@@ -88,40 +88,12 @@ def load_upscaler(args) -> inference.Upscaler:
                               auto_tile_above=args.auto_tile_above or None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def upscale_files(upscaler: inference.Upscaler, jobs, targets, args) -> tuple[list, int]:
+    """Read, upscale and write each (input, output) pair; a file that fails is reported and
+    skipped. Returns (the inputs that failed, how many images were tiled automatically)."""
     from tqdm import tqdm
 
-    if args.auto_tile_above < 0:
-        error(f"--auto-tile-above is a number of LR pixels (0: never tile), got "
-              f"{args.auto_tile_above}; use --auto-tile-above 0 or more")
-        return 2
-    jobs, missing = collect_inputs(args.inputs, args.recursive)
-    for item in missing:
-        error(f"{shown(item)}: no such file or folder")
-    if not jobs:
-        error("no PNG, JPEG or WebP images found in the inputs")
-        return 1
-    out_dir = Path(args.output)
-    targets = output_paths(jobs, out_dir, args.keep_format)
-    try:  # before the checkpoint and any compute
-        check_outputs(jobs, targets, out_dir, args.overwrite)
-    except ValueError as e:
-        error(e, args.verbose)
-        return 2
-    try:
-        upscaler = load_upscaler(args)
-    except (model_dir.CheckpointError, FileNotFoundError, ValueError) as e:
-        error(e, args.verbose)
-        return 2
-    try:
-        prepare_folder(out_dir, "--output")
-    except ValueError as e:
-        error(e, args.verbose)
-        return 2
-    failed = list(missing)
-    auto_tiled = 0
-    start = time.perf_counter()
+    failed, auto_tiled = [], 0
     bar = tqdm(list(zip(jobs, targets)), unit="img", disable=args.no_progress or None,
                desc=f"x{upscaler.scale}")
     for (src, _), dst in bar:
@@ -135,11 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         height, width = pic.rgb.shape[:2]
         if upscaler.tile is None and upscaler.tile_for(height, width) is not None:
             if not auto_tiled:
-                tile = upscaler.auto_tile
                 tqdm.write(f"note: {shown(src)} has {height} x {width} = {height * width} LR "
                            f"pixels, more than --auto-tile-above {upscaler.auto_tile_above}: "
-                           f"upscaled in tiles of {tile} (so are other such images); --tile "
-                           f"sets the tile, --auto-tile-above 0 turns this off")
+                           f"upscaled in tiles of {upscaler.auto_tile} (so are other such "
+                           f"images); --tile sets the tile, --auto-tile-above 0 turns this off")
             auto_tiled += 1
         try:
             out = upscale_picture(upscaler, pic)
@@ -152,6 +123,33 @@ def main(argv: list[str] | None = None) -> int:
                   tqdm.write)
             failed.append(src)
     bar.close()
+    return failed, auto_tiled
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.auto_tile_above < 0:
+        error(f"--auto-tile-above is a number of LR pixels (0: never tile), got "
+              f"{args.auto_tile_above}; use --auto-tile-above 0 or more")
+        return 2
+    jobs, missing = collect_inputs(args.inputs, args.recursive)
+    for item in missing:
+        error(f"{shown(item)}: no such file or folder")
+    if not jobs:
+        error("no PNG, JPEG or WebP images found in the inputs")
+        return 1
+    out_dir = Path(args.output)
+    targets = output_paths(jobs, out_dir, args.keep_format)
+    try:  # the outputs before the checkpoint, the checkpoint before any compute
+        check_outputs(jobs, targets, out_dir, args.overwrite)
+        upscaler = load_upscaler(args)
+        prepare_folder(out_dir, "--output")
+    except (model_dir.CheckpointError, FileNotFoundError, ValueError) as e:
+        error(e, args.verbose)
+        return 2
+    start = time.perf_counter()
+    failed, auto_tiled = upscale_files(upscaler, jobs, targets, args)
+    failed = list(missing) + failed
     done = len(jobs) - (len(failed) - len(missing))
     elapsed = time.perf_counter() - start
     tiled = f" ({auto_tiled} in tiles of {upscaler.auto_tile})" if auto_tiled else ""
