@@ -21,14 +21,14 @@ from flax import nnx
 from iet_jax.io import model_dir, stored
 from iet_jax.io import workdir as workdir_lib
 from iet_jax.training.loop import train_and_evaluate
-from test_train import synthetic_source, tiny_config
+from tiny import synthetic_source, tiny_training_config
 
 pytestmark = pytest.mark.xdist_group("tiny_workdir")
 
 
 def run_config(steps: int = 4):
     """The trained run's config; `steps` changes only num_steps (a rerun may change it)."""
-    cfg = tiny_config(steps=4)
+    cfg = tiny_training_config(steps=4)
     cfg.checkpoint_every = 2
     cfg.num_steps = steps
     return cfg

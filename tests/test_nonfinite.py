@@ -25,7 +25,7 @@ from iet_jax.training import state as ts
 from iet_jax.training.config import ConfigError, validate_config
 from iet_jax.training.loop import NonFiniteError, save_checkpoint, train_and_evaluate
 from iet_jax.training.step import make_train_step
-from test_train import CONFIGS, read_item, synthetic_source, tiny_config
+from tiny import CONFIGS, read_item, synthetic_source, tiny_training_config
 
 FINE, INF_UPDATES, INF_STATE = 0, 1, 2
 
@@ -67,7 +67,7 @@ def assert_same(a, b):
 def test_update_making_the_state_nonfinite_is_skipped():
     """Finite loss and gradients, but inf updates or an inf optimiser state: nothing but the
     counters changes, and the metrics say why. A fine update is applied."""
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     model_cfg = validate_config(cfg)
     tx = optax.chain(optax.adam(1e-3), poison(FINE))  # adam's count: an integer leaf
     state = ts.create_train_state(model_cfg, cfg, tx)()
@@ -115,7 +115,7 @@ def inf_updates(monkeypatch):
 
 
 def test_stop_before_any_checkpoint_names_the_step_and_a_fresh_start(tmp_path, inf_updates):
-    cfg = tiny_config(steps=3)
+    cfg = tiny_training_config(steps=3)
     assert cfg.nonfinite == "stop"
     with pytest.raises(NonFiniteError) as info:
         train_and_evaluate(cfg, tmp_path / "wd", train_source=synthetic_source(4, 0))
@@ -130,7 +130,7 @@ def test_stop_before_any_checkpoint_names_the_step_and_a_fresh_start(tmp_path, i
 def test_skip_never_saves_a_nonfinite_state(tmp_path, inf_updates):
     """With nonfinite=skip and every update inf, the run ends with the initial weights, and
     each checkpoint holds them; a rerun with nonfinite=stop names its last checkpoint."""
-    cfg = tiny_config(steps=3)
+    cfg = tiny_training_config(steps=3)
     cfg.nonfinite = "skip"
     workdir = tmp_path / "wd"
     summary = train_and_evaluate(cfg, workdir, train_source=synthetic_source(4, 0))
@@ -183,7 +183,7 @@ def test_save_checkpoint_refuses_a_nonfinite_state(tmp_path):
 def test_absurd_learning_rates_are_refused(rate):
     """The base rate must be finite and in (0, 1 / muon_lr_scale]: 0.5 is refused with
     Muon at 6 x the rate (3 per step) but accepted with Adam alone."""
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     cfg.optim.learning_rate = rate
     with pytest.raises(ConfigError, match=r"^optim\.learning_rate must be finite with 0 < "
                                           r"optim\.learning_rate <= 0\.166667 .*, got "):

@@ -1,8 +1,7 @@
 """Training loop: a tiny run on synthetic images (loss falls, EMA follows its decay, resumable
 workdir that load_model reads), and configurations refused before any compute.
 
-`tiny_config` and `synthetic_source` are also used by the subprocess tests in
-test_train_sharded.py.
+The tiny training config, its synthetic images and `read_item` are in `tiny.py`.
 """
 
 from __future__ import annotations
@@ -15,64 +14,23 @@ import numpy as np
 import pytest
 
 from iet_jax import train
-from iet_jax.conventions.imresize import imresize
 from iet_jax.io import model_dir, official, stored
 from iet_jax.io import workdir as workdir_lib
 from iet_jax.model import config as config_lib
 from iet_jax.model.network import abstract_model
 from iet_jax.training.config import (ConfigError, model_config_for_training, recipe,
-                                     training_config, validate_config)
+                                     validate_config)
 from iet_jax.training.init import load_init_params
 from iet_jax.training.loop import NonFiniteError, train_and_evaluate
 from iet_jax.training.state import apply_model, init_params
-
-CONFIGS = Path(__file__).parent.parent / "configs"
-
-
-def tiny_config(*, scale: int = 2, patch: int = 8, batch: int = 4, steps: int = 6,
-                dtype: str = "float32"):
-    """IET-light-shaped, 2 blocks of one layer, 3x3 dense + 5x5 sparse windows."""
-    model = config_lib.model_config(
-        embed_dim=12, nattn_dim=12, num_heads=2, depths=(1, 1), mlp_ratio=1.0,
-        convffn_kernel_size=3, upsampler="pixelshuffledirect", scale=scale, local_range=3,
-        sparse_range=5, dilation=1, img_size=patch, topk_focus=((34,), (12,)),
-        topk_prop_1=(4, 0), topk_prop_2=(2, 0), topk_prop_3=(6, 0), dtype=dtype,
-        param_dtype=dtype)
-    cfg = training_config(
-        model=model, dataset="synthetic", patch_size=patch, batch_size=batch,
-        learning_rate=2e-3, num_steps=steps, milestones=(steps - 1,), warmup_steps=2,
-        muon_lr_scale=6.0)
-    cfg.checkpoint_every = 1
-    cfg.keep_checkpoints = 10
-    cfg.eval_every = 0
-    cfg.log_every = 1
-    cfg.data.val_crop = 12
-    return cfg
-
-
-def synthetic_source(n: int, seed: int, size: int = 24, scale: int = 2) -> list[dict]:
-    """Smooth random colour images (bicubic-enlarged noise) with their bicubic LR."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        hr = imresize(rng.random((6, 6, 3)) * 255.0, size / 6)
-        hr = np.clip(np.round(hr), 0, 255).astype(np.uint8)
-        lr = np.clip(np.round(imresize(hr.astype(np.float64), 1 / scale)), 0, 255)
-        out.append({"hr": hr, "lr": lr.astype(np.uint8), "name": f"img{i}"})
-    return out
-
-
-def read_item(workdir, step: int, item: str):
-    """A checkpoint item as NumPy arrays (restored onto one device, verified)."""
-    return jax.tree.map(np.asarray, workdir_lib.read_step(workdir, step).items[item])
-
+from tiny import CONFIGS, read_item, synthetic_source, tiny_training_config
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """(workdir, config, summary) of an 8-step run: a checkpoint every step, validation at 8.
     The tests that use it share one worker (`xdist_group`), so it runs once."""
     workdir = tmp_path_factory.mktemp("train") / "wd"
-    cfg = tiny_config(steps=8)
+    cfg = tiny_training_config(steps=8)
     cfg.eval_every = 8
     summary = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0),
                                  val_source=synthetic_source(2, 1))
@@ -210,7 +168,7 @@ def test_init_from_one_set_starts_both(tmp_path):
     start parameters and EMA from the same weights; other upsamplers stay fresh."""
     from pth_writer import save_pth
 
-    model_cfg = model_config_for_training(tiny_config())
+    model_cfg = model_config_for_training(tiny_training_config())
     sd = _random_official(model_cfg, 0)
     want = _ours(model_cfg, sd)
     start = jax.device_get(init_params(model_cfg, 0))
@@ -229,7 +187,7 @@ def test_init_from_one_set_starts_both(tmp_path):
     _assert_tree_equal(params, want)
     _assert_tree_equal(ema, want)
     # a x4 model from these x2 weights: all but the upsampler's shapes agree
-    x4_cfg = model_config_for_training(tiny_config(scale=4))
+    x4_cfg = model_config_for_training(tiny_training_config(scale=4))
     x4 = jax.device_get(init_params(x4_cfg, 0))
     params, ema, fresh, _ = load_init_params(str(tmp_path / "params.pth"), x4, x4_cfg)
     assert fresh == ["upsample/stages/0/bias", "upsample/stages/0/kernel"]
@@ -250,7 +208,7 @@ def test_init_from_in_a_run_and_from_a_workdir(tmp_path):
     source then gives its parameters and its EMA."""
     from pth_writer import save_pth
 
-    cfg = tiny_config(steps=1)
+    cfg = tiny_training_config(steps=1)
     model_cfg = model_config_for_training(cfg)
     sd_params, sd_ema = _random_official(model_cfg, 1), _random_official(model_cfg, 2)
     cfg.init_from = str(save_pth(tmp_path / "both.pth", {"params": sd_params,
@@ -280,7 +238,7 @@ def _refused(cfg, match, tmp_path, **kw):
 
 
 def test_patch_smaller_than_window_is_refused(tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     cfg.data.patch_size = 4  # sparse_range 5 x dilation 1 = 5 tokens needed
     _refused(cfg, r"data\.patch_size 4 .*sparse_range x model\.dilation", tmp_path,
              train_source=synthetic_source(2, 0))
@@ -291,11 +249,11 @@ def test_patch_smaller_than_window_is_refused(tmp_path):
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path):
-    cfg = tiny_config(batch=4)
+    cfg = tiny_training_config(batch=4)
     cfg.optim.grad_accum_steps = 3
     with pytest.raises(ConfigError, match=r"batch_size 4 .*optim\.grad_accum_steps 3"):
         validate_config(cfg)
-    cfg = tiny_config(batch=3)
+    cfg = tiny_training_config(batch=3)
     cfg.mesh.data = 2  # needs 2 devices: refused by the mesh before anything else
     _refused(cfg, r"mesh\.data x mesh\.fsdp = 2 x 1", tmp_path,
              train_source=synthetic_source(2, 0))
@@ -316,7 +274,7 @@ def test_init_from_other_architecture_is_refused(tmp_path):
 
 
 def test_missing_dataset_is_refused_with_build_command(tmp_path):
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     cfg.data.dataset = "demo"
     cfg.data.data_dir = str(tmp_path / "no_data")
     _refused(cfg, r"(?s)data\.dataset 'demo' .*not built; build it with:\n.*iet_jax\.datasets\.build",
@@ -328,15 +286,15 @@ def test_other_fields_are_named(tmp_path):
                                 ("param_sharding", "zero3", "param_sharding"),
                                 ("ema_decay", 1.0, "ema_decay"),
                                 ("batch_size", 0, "batch_size")]:
-        cfg = tiny_config()
+        cfg = tiny_training_config()
         cfg[field] = value
         with pytest.raises(ConfigError, match=match):
             validate_config(cfg)
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     cfg.data.scale = 3
     with pytest.raises(ConfigError, match=r"data\.scale \(3\) must equal model\.scale \(2\)"):
         validate_config(cfg)
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     cfg.optim.muon_variant = "keller"
     with pytest.raises(ConfigError, match=r"optim\.muon_variant must be one of \('official', "
                                           r"'optax'\), got 'keller'"):
@@ -359,7 +317,7 @@ def test_official_recipes_validate():
 
 
 def test_bfloat16_keeps_float32_state_and_remat_rematerialises():
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     cfg.model.dtype = "bfloat16"
     cfg.model.remat = True
     model_cfg = validate_config(cfg)

@@ -62,7 +62,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     resumed_from = json.loads((killed / "summary.json").read_text())["start_step"]
     assert resumed_from in (2, 3)  # 3 if its save had completed before the kill
-    from test_train import read_item
+    from tiny import read_item
 
     for item in ("params", "ema", "opt_state", "train"):
         a, b = read_item(straight, 6, item), read_item(killed, 6, item)
@@ -91,17 +91,17 @@ def _setup_jax(x64: bool = False):
 def _mesh(tmp: Path, out: Path):
     jax = _setup_jax(x64=True)
     sys.path.insert(0, str(HERE))
-    from test_train import synthetic_source, tiny_config
+    from tiny import synthetic_source, tiny_training_config
     from iet_jax.training.config import ConfigError
     from iet_jax.training.loop import train_and_evaluate
 
     source = synthetic_source(8, 0)
     results = {}
-    one = tiny_config(batch=16, steps=3, dtype="float64")
+    one = tiny_training_config(batch=16, steps=3, dtype="float64")
     one.checkpoint_every = 3
     s1 = train_and_evaluate(one, tmp / "one", train_source=source,
                                   devices=jax.devices()[:1])
-    mesh = tiny_config(batch=16, steps=3, dtype="float64")
+    mesh = tiny_training_config(batch=16, steps=3, dtype="float64")
     mesh.checkpoint_every = 3
     mesh.mesh.data, mesh.mesh.fsdp = 4, 2
     mesh.param_sharding = "fsdp"
@@ -115,7 +115,7 @@ def _mesh(tmp: Path, out: Path):
                          / (np.abs(np.asarray(y)).max() + 1e-30))
                    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
-    bad = tiny_config(batch=12, steps=1)
+    bad = tiny_training_config(batch=12, steps=1)
     bad.mesh.data, bad.mesh.fsdp = 4, 2
     try:
         train_and_evaluate(bad, tmp / "bad", train_source=source)
@@ -134,7 +134,7 @@ def _mesh(tmp: Path, out: Path):
 def _resume(workdir: Path, kill_at: int):
     _setup_jax()
     sys.path.insert(0, str(HERE))
-    from test_train import synthetic_source, tiny_config
+    from tiny import synthetic_source, tiny_training_config
     from iet_jax.io import workdir as workdir_lib
     from iet_jax.training.loop import train_and_evaluate
 
@@ -147,7 +147,7 @@ def _resume(workdir: Path, kill_at: int):
                 os.kill(os.getpid(), signal.SIGKILL)
 
         workdir_lib.Checkpoints.save = save_then_die
-    cfg = tiny_config(steps=6)
+    cfg = tiny_training_config(steps=6)
     summary = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     (workdir / "summary.json").write_text(json.dumps(
         {"start_step": summary["start_step"], "history": summary["history"]}))

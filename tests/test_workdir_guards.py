@@ -26,7 +26,7 @@ from iet_jax.io.lock import LOCK_FILE, WorkdirBusyError, WorkdirLock
 from iet_jax.training.config import ConfigError, model_config_for_training
 from iet_jax.training.loop import open_loader, prepare_run, train_and_evaluate
 from iet_jax.training.metrics_log import Logger
-from test_train import synthetic_source, tiny_config
+from tiny import synthetic_source, tiny_training_config
 
 ROOT = Path(__file__).parent.parent
 DEMO = str(ROOT / "configs" / "demo.py")
@@ -84,13 +84,13 @@ def demo_data(tmp_path_factory):
 
 def test_rerun_with_another_config_is_refused_before_writing(tmp_path):
     workdir = tmp_path / "wd"
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     prepared(cfg, workdir)
     (workdir / "checkpoints" / "6").mkdir(parents=True)  # the workdir now holds a checkpoint
     prepared(cfg, workdir)  # the same config fits the files it wrote
 
     # what a rerun may change: it resumes, and the training config says the new values
-    later = tiny_config()
+    later = tiny_training_config()
     later.num_steps, later.eval_every, later.log_every = 20, 5, 2
     later.checkpoint_every, later.keep_checkpoints, later.nonfinite = 4, 2, "skip"
     later.model.remat, later.optim.grad_accum_steps, later.data.small_images = True, 2, "skip"
@@ -98,7 +98,7 @@ def test_rerun_with_another_config_is_refused_before_writing(tmp_path):
     assert json.loads((workdir / "train_config.json").read_text())["num_steps"] == 20
 
     before = snapshot(workdir)
-    other = tiny_config(batch=2)
+    other = tiny_training_config(batch=2)
     other.model.embed_dim = 16
     other.optim.learning_rate = 1e-3
     with pytest.raises(ConfigError) as e:
@@ -191,7 +191,7 @@ def test_second_trainer_is_refused_and_stale_locks_are_taken_over(tmp_path, caps
             assert word in message
         # a second trainer writes nothing (here a fresh workdir: its config files)
         with pytest.raises(WorkdirBusyError):
-            prepare_run(tiny_config(), workdir, train_source=synthetic_source(4, 0))
+            prepare_run(tiny_training_config(), workdir, train_source=synthetic_source(4, 0))
         assert sorted(p.name for p in workdir.iterdir()) == [LOCK_FILE]
         rc, err = cli(capsys, f"--config={DEMO}", f"--workdir={workdir}",
                       f"--config.data.data_dir={demo_data}")
@@ -236,7 +236,7 @@ def test_lock_is_released_when_the_run_fails(tmp_path):
         raise RuntimeError("no input")
 
     with pytest.raises(RuntimeError, match="no input"):
-        train_and_evaluate(tiny_config(), tmp_path / "wd", train_source=synthetic_source(4, 0),
+        train_and_evaluate(tiny_training_config(), tmp_path / "wd", train_source=synthetic_source(4, 0),
                            make_loader=broken_loader)
     assert not (tmp_path / "wd" / LOCK_FILE).exists()
     assert (tmp_path / "wd" / "config.json").is_file()
@@ -258,18 +258,18 @@ def test_full_disk_leaves_no_half_written_file(tmp_path, monkeypatch):
     workdir = tmp_path / "wd"
     full_disk(monkeypatch)
     with pytest.raises(files.WriteError) as e:
-        prepared(tiny_config(), workdir)
+        prepared(tiny_training_config(), workdir)
     assert str(e.value) == (f"cannot write {workdir / 'config.json'}: No space left on "
                             f"device; free space on that disk or use another --workdir")
     assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
     assert os.listdir(workdir) == []  # no 0-byte config.json, no temporary file, no lock
 
     monkeypatch.undo()
-    prepared(tiny_config(), workdir)
+    prepared(tiny_training_config(), workdir)
     before = snapshot(workdir)
     full_disk(monkeypatch)
     with pytest.raises(files.WriteError):
-        prepared(tiny_config(steps=9), workdir)
+        prepared(tiny_training_config(steps=9), workdir)
     assert snapshot(workdir) == before  # the old files, whole
 
     # an append to metrics.jsonl that fails is cut back
@@ -373,7 +373,7 @@ class Source(list):
 
 def test_small_images_skip(tmp_path, capsys):
     images = Source(with_small_images())
-    cfg = tiny_config()  # LR patch 8: the 6x6 LR images are too small
+    cfg = tiny_training_config()  # LR patch 8: the 6x6 LR images are too small
     with pytest.raises(ConfigError, match=r"2 of 5 training images .*: small0 \(LR 6x6, HR "
                                           r"12x12\), small1 \(LR 6x6, HR 12x12\); .*allows 6"):
         prepared(cfg, tmp_path / "wd", source=images)

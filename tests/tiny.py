@@ -1,4 +1,7 @@
-"""Tiny models, stand-ins and images the tests share (nothing here is a test)."""
+"""Tiny models, stand-ins, images and training runs the tests share (nothing here is a
+test)."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +9,13 @@ import numpy as np
 import skimage.data
 from flax import nnx
 
+from iet_jax.conventions.imresize import imresize
+from iet_jax.io import workdir as workdir_lib
 from iet_jax.model import config
 from iet_jax.model.network import abstract_model, pixel_shuffle
+from iet_jax.training.config import training_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"  # the recipes
 
 
 # ---------------------------------------------------------------- tiny IETs
@@ -71,3 +79,40 @@ def neighbourly(x):
 
 
 neighbourly.scale = 2
+
+
+# ---------------------------------------------------------------- tiny training runs
+def tiny_training_config(*, scale: int = 2, patch: int = 8, batch: int = 4, steps: int = 6,
+                         dtype: str = "float32"):
+    """A training config for `tiny_model_config` with 12 features, undilated windows and
+    `patch`-pixel LR patches: a checkpoint and a log record every step, no validation."""
+    model = tiny_model_config(
+        scale, embed_dim=12, nattn_dim=12, dilation=1, img_size=patch,
+        topk_focus=((34,), (12,)), topk_prop_3=(6, 0), dtype=dtype, param_dtype=dtype)
+    cfg = training_config(
+        model=model, dataset="synthetic", patch_size=patch, batch_size=batch,
+        learning_rate=2e-3, num_steps=steps, milestones=(steps - 1,), warmup_steps=2,
+        muon_lr_scale=6.0)
+    cfg.checkpoint_every = 1
+    cfg.keep_checkpoints = 10
+    cfg.eval_every = 0
+    cfg.log_every = 1
+    cfg.data.val_crop = 12
+    return cfg
+
+
+def synthetic_source(n: int, seed: int, size: int = 24, scale: int = 2) -> list[dict]:
+    """Smooth random colour images (bicubic-enlarged noise) with their bicubic LR."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        hr = imresize(rng.random((6, 6, 3)) * 255.0, size / 6)
+        hr = np.clip(np.round(hr), 0, 255).astype(np.uint8)
+        lr = np.clip(np.round(imresize(hr.astype(np.float64), 1 / scale)), 0, 255)
+        out.append({"hr": hr, "lr": lr.astype(np.uint8), "name": f"img{i}"})
+    return out
+
+
+def read_item(workdir, step: int, item: str):
+    """A checkpoint item as NumPy arrays (restored onto one device, verified)."""
+    return jax.tree.map(np.asarray, workdir_lib.read_step(workdir, step).items[item])
