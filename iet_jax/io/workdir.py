@@ -161,7 +161,38 @@ def _quiet_orbax():
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text[0].split(" See full TensorStore details")[0]  # then a multi-line spec
+    return f"{type(error).__name__}: {line[:300]}"
+
+
+_echoes_silenced = False
+
+
+def _silence_orbax_failure_echoes() -> None:
+    """After a failed restore, orbax leaves reads behind that fail again later, when Python
+    collects them or their event loop is gone, each printing a traceback with a full
+    TensorStore spec (a thousand lines for a small model) at any later moment, up to the
+    interpreter's exit. The damage has been reported in one line already: from the first
+    damaged step on, this process's `sys.unraisablehook` drops those two kinds (orbax's
+    coroutines, and "Event loop is closed"); everything else reaches the previous hook."""
+    global _echoes_silenced
+    if _echoes_silenced:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        orbax_read = code is not None and "orbax" in code.co_filename
+        closed_loop = (unraisable.object is None
+                       and isinstance(unraisable.exc_value, RuntimeError)
+                       and str(unraisable.exc_value) == "Event loop is closed")
+        if not (orbax_read or closed_loop):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _echoes_silenced = True
 
 
 def _single_device_target(metadata_tree):
@@ -278,6 +309,7 @@ class Checkpoints:
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+            _silence_orbax_failure_echoes()
             raise DamagedCheckpointError(step, self.directory, _first_line(e)) from e
         items = {k: out[k] for k in ARRAY_ITEMS}
         if meta.get("format", 1) == 1 and like is not None:  # opt_state as its leaves
