@@ -133,13 +133,21 @@ def no_item_metadata(workdir: Path) -> str:
     return ""
 
 
+def meta_without_checksums(workdir: Path) -> str:
+    meta = workdir / "checkpoints" / "4" / "meta" / "metadata"
+    fields = json.loads(meta.read_text())
+    del fields["checksums"]["opt_state"]
+    meta.write_text(json.dumps(fields))
+    return "its meta has no checksum of opt_state"
+
+
 def meta_not_json(workdir: Path) -> str:
     (workdir / "checkpoints" / "4" / "meta" / "metadata").write_text('{"step": 4, "che')
     return ""
 
 
 DAMAGE = {f.__name__: f for f in (flip_bytes, truncate, empty_step, no_item_metadata,
-                                  meta_not_json)}
+                                  meta_without_checksums, meta_not_json)}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

@@ -218,19 +218,19 @@ class Checkpoints:
         self.read_only, self.report = read_only, report
         if read_only:
             with _quiet_orbax():
-                options = ocp.CheckpointManagerOptions(read_only=True)
-        else:
-            policies = [ocp.checkpoint_managers.LatestN(max(1, keep))]
-            if keep_best:
-                policies.append(ocp.checkpoint_managers.BestN(
-                    get_metric_fn=lambda m: m["psnr"], n=1,
-                    keep_checkpoints_without_metrics=False))
-            options = ocp.CheckpointManagerOptions(
-                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-                enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-        with _quiet_orbax() if read_only else contextlib.nullcontext():
-            self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                                 item_handlers=_item_handlers())
+                self.manager = ocp.CheckpointManager(
+                    self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                    item_handlers=_item_handlers())
+            return
+        policies = [ocp.checkpoint_managers.LatestN(max(1, keep))]
+        if keep_best:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m["psnr"], n=1, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=_item_handlers())
 
     # -- listing
 
@@ -316,10 +316,16 @@ class Checkpoints:
             leaves = [items["opt_state"][k] for k in sorted(items["opt_state"])]
             items["opt_state"] = jax.tree.unflatten(jax.tree.structure(like["opt_state"]),
                                                     leaves)
-        for name, digest in meta.get("checksums", {}).items():
-            if item_digest(items[name]) != digest:
-                raise DamagedCheckpointError(step, self.directory,
-                                             f"{name} does not match its checksum")
+        if meta.get("format", 1) >= 2:  # every array item has its checksum
+            checksums = meta.get("checksums")
+            for name in ARRAY_ITEMS:
+                digest = checksums.get(name) if isinstance(checksums, dict) else None
+                if digest is None:
+                    raise DamagedCheckpointError(step, self.directory,
+                                                 f"its meta has no checksum of {name}")
+                if item_digest(items[name]) != digest:
+                    raise DamagedCheckpointError(step, self.directory,
+                                                 f"{name} does not match its checksum")
         return Restored(step=step, items=items, loader=out["loader"], meta=meta)
 
     def _read_meta(self, step: int) -> dict:
