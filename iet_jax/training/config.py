@@ -374,7 +374,7 @@ def check_resume(config: ml_collections.ConfigDict, model_cfg, workdir: Path) ->
     workdir = Path(workdir)
     checkpoints = workdir / workdir_lib.WORKDIR_CHECKPOINTS
     try:
-        has_steps = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+        has_steps = checkpoints.is_dir() and bool(workdir_lib.workdir_steps(workdir))
     except OSError as e:
         raise ConfigError(f"cannot read {checkpoints}: {e.strerror}") from e
     if not has_steps:
