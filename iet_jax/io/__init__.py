@@ -9,6 +9,7 @@
   (which also reads a training workdir's weights).
 - `workdir`: the training workdir's checkpoints: written, listed, verified against their
   checksums and read (`Checkpoints`, `read_step`), the newest intact step as "latest".
-- `files`: small files written atomically (`write_text_atomic`, `append_line`, `WriteError`).
+- `files`: small files written atomically (`write_text_atomic`, `write_bytes_atomic`,
+  `append_line`, `WriteError`).
 - `lock`: the training workdir's lock (`WorkdirLock`): one trainer per workdir.
 """
