@@ -1,14 +1,14 @@
 """iet-jax: the Individualized Exploratory Transformer (IET) for super-resolution in JAX.
 
-The package is a house of rooms, one concern each, behind six front doors:
+The package is a house of rooms, one concern each, behind seven front doors:
 
-    front doors   train.py, evaluate.py, upscale.py, convert.py and flops.py
+    front doors   train.py, evaluate.py, upscale.py, export.py, convert.py and flops.py
                   (python -m iet_jax.<name>), and datasets/build.py (python -m
                   iet_jax.datasets.build): argument parsing, calling the rooms, printing
     training/     config checks and recipes, train state, optimiser, sharding, init_from, the
                   train step, validation, logging, the loop
     evaluation/   inference (whole, tiled, split test, self-ensemble), benchmark tables,
-                  picture files
+                  picture files, the jax.export artifact of a model on tiles
     io/           safe .pth reading, the official key map and option files, model directories,
                   the training workdir
     datasets/     catalog of names and paths, sources, folder layouts, TFDS builders, images,

@@ -4,6 +4,8 @@
   self-ensemble.
 - `benchmark`: PSNR/SSIM over datasets with the bicubic reference row, and the results tables.
 - `pictures`: picture files (PNG, JPEG, WebP; gray, alpha, 16-bit) read, upscaled and written.
-- `command_line`: what the evaluate and upscale commands share: the parser, `error` lines and
+- `export`: the model's forward pass on fixed-size tiles as a `jax.export` artifact (runs with
+  jax alone) and the JSON spec beside it: input and output, platforms, how to tile.
+- `command_line`: what the evaluate, upscale and export commands share: the parser, `error` lines and
   `load_checkpoint`, whose every failure is one line.
 """

@@ -1,4 +1,4 @@
-"""What the `evaluate` and `upscale` commands share: an argparse parser and `error` lines that
+"""What the `evaluate`, `upscale` and `export` commands share: an argparse parser and `error` lines that
 escape outside text, and a checkpoint loader whose every failure is one line."""
 
 from __future__ import annotations
