@@ -95,3 +95,34 @@ def test_official_settings_differ_where_the_option_files_do():
     assert (train.dilation, evaluation.dilation) == (2, 3)
     assert (train.topk_prop_3[0], evaluation.topk_prop_3[0]) == (120, 100)
     assert (train.topk_focus[1][0], evaluation.topk_focus[1][0]) == (345, 325)
+
+
+@pytest.mark.parametrize("kernel,shape", [(3, (2, 7, 5, 6)), (5, (1, 4, 9, 3)), (4, (1, 6, 6, 2))])
+def test_depthwise_conv_shifted_equals_grouped_conv(kernel, shape):
+    """The two formulations of the depthwise conv: the same values and gradients (float64),
+    'SAME' padding included (an even kernel pads one more pixel after than before)."""
+    from iet_jax.model.network import depthwise_conv
+
+    rng = np.random.default_rng(kernel)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(shape))
+        k = jnp.asarray(rng.standard_normal((kernel, kernel, 1, shape[-1])))
+        b = jnp.asarray(rng.standard_normal(shape[-1]))
+
+        def loss(impl):
+            return lambda x, k, b: jnp.sum(jnp.sin(depthwise_conv(x, k, b, impl)))
+
+        want = depthwise_conv(x, k, b, "conv")
+        got = depthwise_conv(x, k, b, "shifted")
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        grads_want = jax.grad(loss("conv"), argnums=(0, 1, 2))(x, k, b)
+        grads_got = jax.grad(loss("shifted"), argnums=(0, 1, 2))(x, k, b)
+        for g, w in zip(grads_got, grads_want):
+            np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-11)
+    xb = jnp.asarray(np.asarray(x), jnp.bfloat16)
+    kb, bb = jnp.asarray(np.asarray(k), jnp.bfloat16), jnp.asarray(np.asarray(b), jnp.bfloat16)
+    low = [np.asarray(depthwise_conv(xb, kb, bb, impl), np.float32) for impl in ("conv", "shifted")]
+    assert all(a.dtype == np.float32 for a in low)
+    np.testing.assert_allclose(low[1], low[0], rtol=2e-2, atol=5e-2)  # bfloat16 output rounding
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        depthwise_conv(x, k, b, "fft")

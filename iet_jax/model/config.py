@@ -82,6 +82,9 @@ def model_config(**fields: Any) -> ml_collections.ConfigDict:
         # True: the gathers' backward sums in a fixed order (same bits every run, slower)
         # instead of atomic adds; matters for gather_impl "pallas" on GPU.
         gather_deterministic=False,
+        # Depthwise convs (LePE, FFNs): "auto" (CPU: shifted multiply-adds, else one grouped
+        # conv), "conv", "shifted"; the same sums in another order (iet_jax.model.network).
+        depthwise_impl="auto",
         merge="index",  # "index": official cut by token index; "rank": keep best first
         remat=False,  # rematerialise each block in the backward pass (training memory)
     )
@@ -113,6 +116,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"upsampler {config.upsampler!r} is not supported; use one of {UPSAMPLERS}")
     if config.upsampler == "pixelshuffle" and config.scale not in (2, 3, 4, 8):
         raise ValueError(f"scale {config.scale} needs upsampler 'pixelshuffledirect'")
+    if config.depthwise_impl not in ("auto", "conv", "shifted"):
+        raise ValueError(f"depthwise_impl must be 'auto', 'conv' or 'shifted', got "
+                         f"{config.depthwise_impl!r}")
     if config.scale < 1:
         raise ValueError(f"scale must be a positive integer, got {config.scale}")
     for name in ("local_range", "sparse_range"):
