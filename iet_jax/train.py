@@ -39,6 +39,7 @@ from iet_jax.io.stored import CheckpointError
 from iet_jax.io.workdir import CheckpointWriteError
 from iet_jax.training.config import ConfigError
 from iet_jax.training.loop import NonFiniteError, train_and_evaluate
+from iet_jax.training.sharding import DistributedInitError
 
 USAGE = ("usage: python -m iet_jax.train --config configs/<recipe>.py --workdir DIR "
          "[--config.FIELD=VALUE ...] [--verbose]")
@@ -155,6 +156,8 @@ def _parse(argv: list[str], verbose: bool):
 
 def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
+    # `--config.distributed=on` (before the group existed) means --config.distributed.mode=on
+    argv = [re.sub(r"^(--?config\.distributed)=(auto|on|off)$", r"\1.mode=\2", a) for a in argv]
     verbose = any(re.fullmatch(r"--?verbose(=(true|1|True))?", a) for a in argv[1:])
     parsed = _parse(argv, verbose)
     if isinstance(parsed, int):
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
         summary = train_and_evaluate(config, workdir)
     except ConfigError as e:
         return _fail(f"config error: {e}", 2, verbose)
-    except (WorkdirBusyError, CheckpointError) as e:
+    except (WorkdirBusyError, CheckpointError, DistributedInitError) as e:
         return _fail(f"error: {e}", 2, verbose)
     except SmallImageError as e:
         return _fail(f"error: {e} (data.patch_size, data.small_images=skip)", 2, verbose)

@@ -159,9 +159,17 @@ def training_config(*, model: ml_collections.ConfigDict, dataset: str, patch_siz
     # both axes; parameters and optimiser state are replicated or sharded over fsdp.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     config.param_sharding = "replicate"  # or "fsdp"
-    # Multi-process: "auto" initialises jax.distributed when the environment describes
-    # several processes (SLURM, Open MPI, JAX_COORDINATOR_ADDRESS, ...); "on" / "off".
-    config.distributed = "auto"
+    # Multi-process runs (jax.distributed; see iet_jax.training.sharding.distributed_plan).
+    # "auto" joins one when a coordinator, process count or id is given (here or in the
+    # environment variable named) or a launcher is detected (SLURM, Open MPI, a Cloud TPU
+    # pod, a Kubernetes Job); "on" always (refused when nothing says how); "off" never.
+    config.distributed = ml_collections.ConfigDict(dict(
+        mode="auto",
+        coordinator_address="",  # HOST:PORT of process 0; '' -> $JAX_COORDINATOR_ADDRESS
+        num_processes=0,  # 0 -> $JAX_NUM_PROCESSES, else the launcher's
+        process_id=-1,  # this process, 0..num_processes-1; -1 -> $JAX_PROCESS_ID, else ...
+        local_device_ids="",  # '0,1': this process's devices; '' -> $JAX_LOCAL_DEVICE_IDS
+    ))
     return config
 
 
@@ -348,7 +356,14 @@ RESUME_MAY_CHANGE = frozenset({
     "data.val_crop", "data.small_images", "optim.grad_accum_steps", "mesh.data", "mesh.fsdp",
     "param_sharding", "distributed", "model.remat", "model.gather_impl",
     "model.gather_deterministic", "model.depthwise_impl",
-})
+})  # a group (e.g. "distributed") stands for all its fields
+
+
+def may_change_on_resume(field: str) -> bool:
+    """Whether a rerun may change `field` ('a.b.c'): it or a group holding it is in
+    `RESUME_MAY_CHANGE`."""
+    parts = field.split(".")
+    return any(".".join(parts[:i]) in RESUME_MAY_CHANGE for i in range(1, len(parts) + 1))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -394,7 +409,7 @@ def check_resume(config: ml_collections.ConfigDict, model_cfg, workdir: Path) ->
         new.update(_flatten(json.loads(stored.config_to_json(model_cfg)), "model."))
     keys = sorted(old, key=lambda k: (not k.startswith("model."), k))  # the model first
     diff = [f"{k} {_show(old[k])} -> {_show(new[k])}" for k in keys
-            if k in new and k not in RESUME_MAY_CHANGE and old[k] != new[k]]
+            if k in new and not may_change_on_resume(k) and old[k] != new[k]]
     if diff:
         shown = ", ".join(diff[:12]) + (f" and {len(diff) - 12} more" if len(diff) > 12 else "")
         raise ConfigError(

@@ -173,6 +173,12 @@ def open_loader(config: ml_collections.ConfigDict, source, make_loader: Callable
             process_index=jax.process_index(), process_count=jax.process_count(),
             augment=config.data.augment,
             small_images=config.data.get("small_images", "error"))
+    if jax.process_count() > 1:  # every process says its share, once
+        rows = config.batch_size // jax.process_count()
+        first = jax.process_index() * rows
+        print(f"process {jax.process_index()} of {jax.process_count()}: rows {first}-"
+              f"{first + rows - 1} of each global batch of {config.batch_size}, on "
+              f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
     skipped = getattr(loader, "num_skipped", 0)
     if skipped and jax.process_index() == 0:
         print(f"data.small_images=skip: left out {skipped} of {len(source)} training images "
