@@ -1,0 +1,73 @@
+"""The recipe tests/test_multihost.py trains with `python -m iet_jax.train`: the tiny
+float64 model of `test_train.tiny_config` on the demo photographs (x2, LR patch 8), global
+batch 4, 6 steps, a checkpoint every 2. Needs JAX_ENABLE_X64=1.
+
+With $IET_TEST_ROWS set, loading this recipe also installs the test's recorder: every
+training process appends, for each batch its loader hands to the train step, one JSON line
+to $IET_TEST_ROWS.<process index>: the step, the process index and count, the sample numbers
+the loader read since the batch before (`PairedPatchLoader.sample`, prefetching included) and
+a digest of each row (LR and HR patch) of the batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).absolute().parent))
+
+from test_train import tiny_config  # noqa: E402
+
+
+def get_config():
+    cfg = tiny_config(batch=4, steps=6, dtype="float64")
+    cfg.name = "multihost_test"
+    cfg.data.dataset = "demo"
+    cfg.checkpoint_every = 2
+    return cfg
+
+
+def row_digest(lr, hr) -> str:
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(lr, np.float32).tobytes() +
+                          np.ascontiguousarray(hr, np.float32).tobytes()).hexdigest()[:16]
+
+
+def _install_recorder(path: str) -> None:
+    import json
+    import threading
+
+    from iet_jax.datasets import loader as loader_lib
+
+    cls = loader_lib.PairedPatchLoader
+    if getattr(cls, "_test_recorder", False):
+        return
+    lock = threading.Lock()
+    sample, next_batch = cls.sample, cls.__next__
+
+    def recording_sample(self, k):
+        with lock:
+            self.__dict__.setdefault("_test_read", []).append(int(k))
+        return sample(self, k)
+
+    def recording_next(self):
+        step = self.step
+        batch = next_batch(self)
+        with lock:
+            read = sorted(self.__dict__.pop("_test_read", []))
+        record = {"step": step, "process": self.process_index, "count": self.process_count,
+                  "read": read, "rows": [row_digest(lr, hr)
+                                         for lr, hr in zip(batch["lr"], batch["hr"])]}
+        with open(f"{path}.{self.process_index}", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return batch
+
+    cls.sample, cls.__next__, cls._test_recorder = recording_sample, recording_next, True
+
+
+if os.environ.get("IET_TEST_ROWS"):
+    _install_recorder(os.environ["IET_TEST_ROWS"])
