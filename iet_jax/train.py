@@ -8,6 +8,11 @@ change how long it trains and what it logs, validates and keeps, but not what it
 (`iet_jax.training.config.RESUME_MAY_CHANGE`); another config is refused, naming the fields.
 One trainer at a time per workdir (the lock file WORKDIR/.lock).
 
+Several processes (hosts): run the same command in each, with JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or `--config.distributed.*`), or under a launcher
+JAX detects (SLURM, Open MPI, a Cloud TPU pod, a Kubernetes Job); see the README's
+"Multi-host" section and `iet_jax.training.sharding.distributed_plan`.
+
 Semantics:
 - `batch_size` is the global batch over all devices and hosts (split over the mesh's data
   and fsdp axes, and over `optim.grad_accum_steps` micro-batches); the learning rate does not
