@@ -6,7 +6,7 @@ The two-process test runs the command line in subprocesses with simulated CPU de
 process; JAX_PLATFORMS=cpu, XLA_FLAGS=--xla_force_host_platform_device_count) on the tiny
 float64 recipe tests/multihost_recipe.py, 6 steps, a checkpoint every 2:
 
-- a one-process run on 4 devices, the reference;
+- a one-process run on 4 devices, the reference (side by side with the next run);
 - two processes of 2 devices: both finish; each read only its own rows of each global batch
   (the recipe's recorder: the samples its loader read, and a digest of each row against the
   one-process loader's global batch); the checkpoints equal the one-process run's (float64:
@@ -330,9 +330,10 @@ def test_two_processes_on_loopback(tmp_path):
     runs = Runs(tmp_path, data_dir)
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     try:
-        runs.finish(runs.start(one, 1), "one process on 4 devices")
-
+        # side by side: the machine's cores are idle while a process waits for the others
+        reference = runs.start(one, 1)
         procs = runs.start(two, 2, rows=tmp_path / "rows_two")
+        runs.finish(reference, "one process on 4 devices")
         runs.finish(procs, "two processes")
         for i, proc in enumerate(procs):
             said = Path(f"{proc.log}.out").read_text()
