@@ -167,7 +167,7 @@ def training_config(*, model: ml_collections.ConfigDict, dataset: str, patch_siz
         mode="auto",
         coordinator_address="",  # HOST:PORT of process 0; '' -> $JAX_COORDINATOR_ADDRESS
         num_processes=0,  # 0 -> $JAX_NUM_PROCESSES, else the launcher's
-        process_id=-1,  # this process, 0..num_processes-1; -1 -> $JAX_PROCESS_ID, else ...
+        process_id=-1,  # 0..num_processes-1; -1 -> $JAX_PROCESS_ID, else the launcher's
         local_device_ids="",  # '0,1': this process's devices; '' -> $JAX_LOCAL_DEVICE_IDS
     ))
     return config
