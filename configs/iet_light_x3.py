@@ -1,8 +1,4 @@
-"""IET-light x3: `configs/iet_light_x3.py` (official training settings) or `configs/iet_light_x3.py:eval`
-(the settings the released checkpoint was evaluated with)."""
+"""The packaged recipe `iet_light_x3` (iet_jax/configs/iet_light_x3.py, the one copy): this path and
+`--config iet_light_x3` load the same config."""
 
-from iet_jax.training.config import recipe
-
-
-def get_config(settings: str | None = None):
-    return recipe("iet_light", 3, settings)
+from iet_jax.configs.iet_light_x3 import get_config  # noqa: F401

@@ -1,9 +1,4 @@
-"""IET (classical) x2, first stage (the official 000_IET_SRx2_scratch; configs/iet_x2_finetune.py
-continues it): `configs/iet_x2.py` (official training settings) or `configs/iet_x2.py:eval`
-(the settings the released checkpoint was evaluated with)."""
+"""The packaged recipe `iet_x2` (iet_jax/configs/iet_x2.py, the one copy): this path and
+`--config iet_x2` load the same config."""
 
-from iet_jax.training.config import recipe
-
-
-def get_config(settings: str | None = None):
-    return recipe("iet", 2, settings)
+from iet_jax.configs.iet_x2 import get_config  # noqa: F401

@@ -1,10 +1,4 @@
-"""IET (classical) x2, second stage (the official 001_IET_SRx2_finetune):
-`configs/iet_x2_finetune.py` (official training settings: LR patch 82, dilation 3, remat,
-starting from workdirs/iet_x2) or `configs/iet_x2_finetune.py:eval` (the network the released
-x2 checkpoint was evaluated with)."""
+"""The packaged recipe `iet_x2_finetune` (iet_jax/configs/iet_x2_finetune.py, the one copy): this path and
+`--config iet_x2_finetune` load the same config."""
 
-from iet_jax.training.config import recipe
-
-
-def get_config(settings: str | None = None):
-    return recipe("iet", 2, settings, stage="finetune")
+from iet_jax.configs.iet_x2_finetune import get_config  # noqa: F401

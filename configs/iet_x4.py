@@ -1,8 +1,4 @@
-"""IET (classical) x4: `configs/iet_x4.py` (official training settings) or `configs/iet_x4.py:eval`
-(the settings the released checkpoint was evaluated with)."""
+"""The packaged recipe `iet_x4` (iet_jax/configs/iet_x4.py, the one copy): this path and
+`--config iet_x4` load the same config."""
 
-from iet_jax.training.config import recipe
-
-
-def get_config(settings: str | None = None):
-    return recipe("iet", 4, settings)
+from iet_jax.configs.iet_x4 import get_config  # noqa: F401

@@ -1,0 +1,8 @@
+"""IET-light x2: `--config iet_light_x2` (official training settings) or `--config iet_light_x2:eval`
+(the settings the released checkpoint was evaluated with)."""
+
+from iet_jax.training.config import recipe
+
+
+def get_config(settings: str | None = None):
+    return recipe("iet_light", 2, settings)

@@ -1,0 +1,8 @@
+"""IET (classical) x3: `--config iet_x3` (official training settings) or `--config iet_x3:eval`
+(the settings the released checkpoint was evaluated with)."""
+
+from iet_jax.training.config import recipe
+
+
+def get_config(settings: str | None = None):
+    return recipe("iet", 3, settings)
