@@ -1,9 +1,9 @@
 """Official PyTorch IET weights -> iet-jax.
 
-    python -m iet_jax.convert --official-options options/test/003_IET_SRx4_finetune.yml \
+    iet-convert --official-options options/test/003_IET_SRx4_finetune.yml \
         --checkpoint IET-SR-classical-x4.pth --output converted/iet_x4
 
-writes an iet-jax model directory (see `iet_jax.io.model_dir`); in Python,
+(or `python -m iet_jax.convert ...`) writes an iet-jax model directory (see `iet_jax.io.model_dir`); in Python,
 `iet_jax.io.official.load_official(options, checkpoint, dtype='float32')` returns the ready
 model.
 
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 from pathlib import Path
 
+from iet_jax.commands import prog
 from iet_jax.conventions.text import printable
 from iet_jax.io import model_dir, official
 from iet_jax.model import config as config_lib
@@ -31,8 +33,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0; a mistake exits (SystemExit 2) after one `error:` line."""
+    parser = argparse.ArgumentParser(prog=prog("iet-convert"),
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-options", required=True, type=Path,
                         help="the official BasicSR option file (.yml) of the checkpoint")
     parser.add_argument("--checkpoint", required=True, type=Path, help="official net_g_*.pth")
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint_sha256": digest, "state_dict_key": which,
     })
     print(f"wrote {out} ({which} of {args.checkpoint.name}, x{model.config.scale})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,10 @@
 """Parameters and FLOPs of an IET config, in the convention of the paper's tables.
 
-    python -m iet_jax.flops --config configs/iet_x4.py [--output_size 1280x720]
+    iet-flops --config iet_x4:eval [--output_size 1280x720]
+    python -m iet_jax.flops --config configs/iet_x4.py:eval   (the same, from a checkout)
+
+`--config` names a packaged recipe (`iet_x4`, `iet_light_x2`, ..., `demo`; `:eval` for the
+network the released checkpoints were evaluated with) or gives a config file's path.
 
 FLOPs here are multiply-adds counted the way the official `IET.flops()` counts them, for
 the LR input that upscales to the given output size (1280x720 in the paper). The convention
@@ -20,10 +24,13 @@ from __future__ import annotations
 import math
 import sys
 
+from iet_jax import configs as recipes
+from iet_jax.commands import prog
 from iet_jax.model.flops import flops, lr_size
 from iet_jax.model.network import abstract_model
 
-USAGE = "usage: python -m iet_jax.flops --config configs/<recipe>.py[:eval] [--output_size WxH]"
+def usage() -> str:
+    return f"usage: {prog('iet-flops')} --config RECIPE|FILE[:eval] [--output_size WxH]"
 
 
 def main(argv=None) -> int:
@@ -31,24 +38,33 @@ def main(argv=None) -> int:
     from ml_collections import config_flags
 
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(f"{usage()}\n\n{__doc__.strip()}\n\nflags:\n"
+              "  --config RECIPE|FILE[:eval]  a named recipe (below) or a config file's path\n"
+              "  --config.FIELD=VALUE         set a config field (--config.model.dilation=2)\n"
+              "  --output_size WxH            the output size (default 1280x720)\n"
+              f"\nnamed recipes:\n{recipes.describe()}")
+        return 0
+    try:
+        argv = recipes.resolve_argv(argv)
+    except recipes.UnknownRecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     flags_ = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file(
-        "config", None, "config file (configs/*.py[:eval])", flag_values=flags_,
+        "config", None, "a recipe's name or a config file ([:eval])", flag_values=flags_,
         sys_argv=argv)
     flags.DEFINE_string("output_size", "1280x720", "output WIDTHxHEIGHT", flag_values=flags_)
-    if "--help" in argv[1:] or "-h" in argv[1:]:
-        print(f"{__doc__}\n{USAGE}\n\n{flags_.get_help()}")
-        return 0
     try:
         flags_(argv)
     except flags.Error as e:
         # A config file that raises comes with its traceback: keep the first and last lines.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         problem = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-        print(f"error: {problem} ({USAGE})", file=sys.stderr)
+        print(f"error: {problem} ({usage()})", file=sys.stderr)
         return 2
     if config_flag.value is None:
-        print(f"error: --config is required ({USAGE})", file=sys.stderr)
+        print(f"error: --config is required ({usage()})", file=sys.stderr)
         return 2
     try:
         config = config_flag.value
@@ -56,7 +72,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:  # the config file is loaded lazily, here
         name = config_flags.get_config_filename(flags_["config"])
         print(f"error: cannot load --config {name} ({str(e).splitlines()[-1].strip()}): give a "
-              "config file such as configs/iet_x4.py or configs/iet_x4.py:eval", file=sys.stderr)
+              "recipe's name such as iet_x4:eval or a config file such as "
+              "configs/iet_x4.py:eval", file=sys.stderr)
         return 2
     s = model_config.scale
     try:

@@ -1,4 +1,8 @@
-"""Train IET: `python -m iet_jax.train --config configs/<recipe>.py --workdir DIR`.
+"""Train IET: `iet-train --config RECIPE --workdir DIR` (or `python -m iet_jax.train ...`).
+
+RECIPE names a packaged recipe (`demo`, `iet_x4`, `iet_light_x2`, ...; `--help` lists them),
+or is a config file's path (`configs/iet_x4.py` in a checkout); either takes the recipe's
+`:SETTINGS` (`iet_x4:train`, the default, or `iet_x4:eval`).
 
 Any config field can be overridden on the command line (`--config.batch_size=32`,
 `--config.model.dtype=bfloat16`, `--config.optim.muon=False`). Rerunning the same command
@@ -37,6 +41,8 @@ from pathlib import Path
 
 import jax
 
+from iet_jax import configs as recipes
+from iet_jax.commands import prog
 from iet_jax.datasets.loader import SmallImageError
 from iet_jax.io.files import WriteError
 from iet_jax.io.lock import WorkdirBusyError
@@ -46,8 +52,12 @@ from iet_jax.training.config import ConfigError
 from iet_jax.training.loop import NonFiniteError, train_and_evaluate
 from iet_jax.training.sharding import DistributedInitError
 
-USAGE = ("usage: python -m iet_jax.train --config configs/<recipe>.py --workdir DIR "
-         "[--config.FIELD=VALUE ...] [--verbose]")
+HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
+
+
+def usage() -> str:
+    return (f"usage: {prog('iet-train')} --config RECIPE[:SETTINGS] --workdir DIR "
+            f"[--config.FIELD=VALUE ...] [--verbose]")
 
 
 def _one_line(text: str) -> str:
@@ -130,12 +140,13 @@ def _parse(argv: list[str], verbose: bool):
         file = Path(path.split(":", 1)[0])
         if not file.is_file():
             what = "is a folder" if file.is_dir() else "does not exist"
-            return _fail(f"error: the config file {file} {what}; give a recipe file, e.g. "
-                         f"--config=configs/demo.py (the recipes are in configs/)", 2, verbose)
+            return _fail(f"error: the config file {file} {what}; give a recipe's name (--config "
+                         f"demo; --help lists them) or a config file, e.g. "
+                         f"--config=configs/demo.py in a checkout", 2, verbose)
     flags_ = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file(
-        "config", None, "training config file, e.g. configs/demo.py or configs/iet_x2.py:train",
-        flag_values=flags_, lock_config=True, sys_argv=argv)
+        "config", None, "a recipe's name or a config file, e.g. demo, iet_x2:eval or "
+        "configs/iet_x2.py:train", flag_values=flags_, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "where checkpoints and logs go (resumes if present)",
                         flag_values=flags_)
     flags.DEFINE_boolean("verbose", False, "print the traceback of an error too",
@@ -150,13 +161,55 @@ def _parse(argv: list[str], verbose: bool):
         message = message or f"a --config.FIELD the config does not have ({_one_line(e)})"
         return _fail(f"error: {message}", 2, verbose)
     except flags.Error as e:
-        return _fail(f"error: {e}; {USAGE}", 2, verbose)
+        return _fail(f"error: {e}; {usage()}", 2, verbose)
     except Exception as e:  # noqa: BLE001 - the config file's own error (syntax, ...)
         return _fail(f"error: cannot load the config {path}: {type(e).__name__}: "
                      f"{_one_line(e)}; fix the file or give another --config", 2, verbose)
     if config is None or not flags_.workdir:
-        return _fail(f"error: --config and --workdir are required; {USAGE}", 2, False)
+        return _fail(f"error: --config and --workdir are required; {usage()}", 2, False)
     return config, flags_.workdir, verbose or flags_.verbose
+
+
+def _fields(config, prefix: str = "") -> list[str]:
+    """`FIELD = VALUE` of every field of a config, groups flattened (`optim.muon = True`)."""
+    out = []
+    for key in sorted(config.keys()):
+        value = config[key]
+        if hasattr(value, "keys"):
+            out += _fields(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key} = {value!r}")
+    return out
+
+
+def help_text(argv: list[str]) -> str:
+    """`--help`: what the command does, its flags, the named recipes and the fields of the
+    --config given (of `demo` without one), each with its value there."""
+    from ml_collections.config_flags import config_flags as cf
+
+    path = _config_file(argv)
+    shown_as = path or "demo"
+    try:
+        config = cf.ConfigFileFlagParser("config", lock_config=False).parse(
+            recipes.resolve(shown_as))
+        fields = "\n".join("  " + line for line in _fields(config))
+    except Exception as e:  # noqa: BLE001 - the help is printed all the same
+        fields = f"  (cannot load {shown_as}: {_one_line(e)})"
+    return "\n".join([
+        usage(), "",
+        __doc__.strip(), "",
+        "flags:",
+        "  --config RECIPE|FILE[:SETTINGS]  a named recipe (below) or a config file's path",
+        "  --workdir DIR                    checkpoints and logs (a rerun resumes there)",
+        "  --config.FIELD=VALUE             set a config field (the fields are below)",
+        "  --verbose                        print the traceback of an error too",
+        "  -h, --help                       this help (with --config: that config's fields)",
+        "",
+        "named recipes (--config NAME, shipped in the package; the official ones take :eval,",
+        "the network the released checkpoints were evaluated with):",
+        recipes.describe(), "",
+        f"config fields of {shown_as} (--config.FIELD=VALUE sets one):",
+        fields])
 
 
 def main(argv=None) -> int:
@@ -164,6 +217,14 @@ def main(argv=None) -> int:
     # `--config.distributed=on` (before the group existed) means --config.distributed.mode=on
     argv = [re.sub(r"^(--?config\.distributed)=(auto|on|off)$", r"\1.mode=\2", a) for a in argv]
     verbose = any(re.fullmatch(r"--?verbose(=(true|1|True))?", a) for a in argv[1:])
+    try:
+        recipes.resolve(_config_file(argv) or "demo")  # a mistyped name: before any help
+        if any(a in HELP_FLAGS for a in argv[1:]):
+            print(help_text(argv))
+            return 0
+        argv = recipes.resolve_argv(argv)
+    except recipes.UnknownRecipeError as e:
+        return _fail(f"error: --config {_config_file(argv)}: {e}", 2, verbose)
     parsed = _parse(argv, verbose)
     if isinstance(parsed, int):
         return parsed

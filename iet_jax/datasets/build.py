@@ -1,5 +1,7 @@
 """Build a super-resolution dataset as TFDS array_record files (no TensorFlow needed).
 
+``iet-build ARGS`` is ``python -m iet_jax.datasets.build ARGS``:
+
   python -m iet_jax.datasets.build --dataset demo --scale 4 --data-dir DIR
   python -m iet_jax.datasets.build --dataset paired --name df2k --scale 4 \\
       --hr-dir DIV2K/DIV2K_train_HR --hr-dir Flickr2K/Flickr2K_HR --data-dir DIR
@@ -33,14 +35,14 @@ import sys
 import time
 from pathlib import Path
 
+from iet_jax.commands import prog
 from iet_jax.conventions.text import printable
 from iet_jax.datasets import builders, images, layouts
 from iet_jax.datasets.catalog import BENCHMARKS, default_data_dir
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m iet_jax.datasets.build",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog("iet-build"), description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, choices=["demo", "paired", "benchmark", "div2k"])
     p.add_argument("--name", help="paired: the dataset's name (e.g. df2k); benchmark: "
                    + "/".join(BENCHMARKS) + " (default: every one in --manual-dir)")
