@@ -1,9 +1,13 @@
 """Benchmark evaluation of a model checkpoint: PSNR / SSIM on Y, as SR papers report them.
 
-    python -m iet_jax.evaluate --checkpoint converted/iet_x4 \
+    iet-evaluate --checkpoint converted/iet_x4 \
         [--datasets set5,set14,b100,urban100,manga109] [--data-dir D] [--dataset-split test]
         [--self-ensemble] [--tile N --tile-overlap M | --official-split]
-        [--save-images DIR] [--output DIR]
+        [--save-images DIR] [--output DIR] [--which latest|best|STEP]
+
+(`python -m iet_jax.evaluate` is the same command.) `--checkpoint` is a model directory or a
+training workdir; of a workdir, `--which` picks the checkpoint whose EMA weights are evaluated:
+the newest intact one (`latest`, the default), the best by validation PSNR (`best`) or a step.
 
 Each dataset is opened with `iet_jax.datasets.open_source(name, split, scale)` at the
 checkpoint's scale; every LR image is upscaled, and the output is compared with its HR image
@@ -35,9 +39,10 @@ import sys
 from pathlib import Path
 
 from iet_jax import datasets
+from iet_jax.commands import prog
 from iet_jax.conventions.text import shown
 from iet_jax.evaluation import inference
-from iet_jax.evaluation.command_line import Parser, error, load_checkpoint
+from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
 from iet_jax.evaluation.benchmark import (DEFAULT_DATASETS, DISPLAY_NAMES, describe_protocol,
                                           evaluate_source, format_scores, markdown_table,
                                           parse_datasets)
@@ -47,10 +52,11 @@ from iet_jax.io import model_dir
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="python -m iet_jax.evaluate",
+        prog=prog("iet-evaluate"),
         description="PSNR/SSIM (Y channel, border = scale) of a checkpoint on SR benchmarks.")
     p.add_argument("--checkpoint", required=True,
-                   help="model directory (config.json + params/) or what load_model accepts")
+                   help="model directory (config.json + params/) or training workdir")
+    add_which(p)
     p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS),
                    help="comma-separated dataset names, each optionally NAME:SPLIT "
                         "(default %(default)s)")
@@ -129,7 +135,8 @@ def write_results(out: Path, label: str, upscaler: inference.Upscaler, wanted, r
                   table: str, args) -> None:
     """results.json (settings and scores) and results.md (the table), each written whole."""
     scale = upscaler.scale
-    settings = {"checkpoint": str(Path(args.checkpoint).absolute()), "scale": scale,
+    settings = {"checkpoint": str(Path(args.checkpoint).absolute()), "which": args.which,
+                "scale": scale,
                 "splits": dict(wanted), "self_ensemble": args.self_ensemble,
                 "protocol": upscaler.protocol, "split_patch": upscaler.split,
                 "tile": args.tile, "tile_overlap": args.tile_overlap if args.tile else None,
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = parse_datasets(args.datasets, args.dataset_split)
         for folder, flag in folders:
             prepare_folder(folder, flag, make=False)
-        model = load_checkpoint(args.checkpoint, args.dtype, args.verbose)
+        model = load_checkpoint(args.checkpoint, args.dtype, args.verbose, args.which)
         split = inference.OFFICIAL_SPLIT if args.official_split else None
         upscaler = inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
                                       self_ensemble=args.self_ensemble,

@@ -1,8 +1,12 @@
 """Upscale image files with a model checkpoint.
 
-    python -m iet_jax.upscale --checkpoint converted/iet_x4 photo.jpg folder/ --output out/
+    iet-upscale --checkpoint converted/iet_x4 photo.jpg folder/ --output out/
         [--tile 128 --tile-overlap 16] [--auto-tile-above PIXELS] [--self-ensemble]
-        [--recursive] [--keep-format] [--overwrite] [--verbose]
+        [--recursive] [--keep-format] [--overwrite] [--which latest|best|STEP] [--verbose]
+
+(`python -m iet_jax.upscale` is the same command.) `--checkpoint` is a model directory or a
+training workdir; of a workdir, `--which` picks the checkpoint whose EMA weights upscale: the
+newest intact one (`latest`, the default), the best by validation PSNR (`best`) or a step.
 
 Inputs are PNG, JPEG or WebP files, or folders of them (`--recursive` descends into
 subfolders; the folder structure is kept under `--output`). Each image is written as
@@ -31,9 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+from iet_jax.commands import prog
 from iet_jax.conventions.text import shown
 from iet_jax.evaluation import inference
-from iet_jax.evaluation.command_line import Parser, error, load_checkpoint
+from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
 from iet_jax.evaluation.pictures import (check_outputs, collect_inputs, output_paths,
                                          prepare_folder, read_picture, upscale_picture,
                                          write_picture)
@@ -42,12 +47,13 @@ from iet_jax.io import model_dir
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="python -m iet_jax.upscale",
+        prog=prog("iet-upscale"),
         description="Upscale PNG/JPEG/WebP images (files or folders) with an iet-jax checkpoint.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--checkpoint", required=True,
                    help="model directory (config.json + params/), e.g. from iet_jax.convert, "
                         "or a training workdir")
+    add_which(p)
     p.add_argument("--output", required=True,
                    help="folder for the upscaled images (made if missing); a run that would "
                         "write over an input file is refused")
@@ -82,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_upscaler(args) -> inference.Upscaler:
-    model = load_checkpoint(args.checkpoint, args.dtype, args.verbose)
+    model = load_checkpoint(args.checkpoint, args.dtype, args.verbose, args.which)
     return inference.Upscaler(model, tile=args.tile, overlap=args.tile_overlap,
                               self_ensemble=args.self_ensemble, tile_batch=args.tile_batch,
                               auto_tile_above=args.auto_tile_above or None)

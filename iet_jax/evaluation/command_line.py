@@ -1,14 +1,17 @@
-"""What the `evaluate`, `upscale` and `export` commands share: an argparse parser and `error` lines that
-escape outside text, and a checkpoint loader whose every failure is one line."""
+"""What the `evaluate`, `upscale` and `export` commands share: an argparse parser and `error`
+lines that escape outside text, `--which` (which checkpoint of a training workdir), and a
+checkpoint loader whose every failure is one line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 from iet_jax.conventions.text import shown
 from iet_jax.io import model_dir
+from iet_jax.io import workdir as workdir_lib
 from iet_jax.model.network import IET
 
 
@@ -26,11 +29,40 @@ def error(message: object, verbose: bool = False, write=print) -> None:
         write(shown(traceback.format_exc().rstrip(), keep_newlines=True), file=sys.stderr)
 
 
-def load_checkpoint(checkpoint: str, dtype: str | None, verbose: bool) -> IET:
-    """`model_dir.load_model`; what it raises beyond its own `CheckpointError` (a ValueError)
-    becomes one too, naming the checkpoint."""
+def which_checkpoint(text: str) -> str | int:
+    """`--which`: 'latest', 'best' or a step number (argparse's `type`)."""
+    if text in ("latest", "best"):
+        return text
     try:
-        return model_dir.load_model(checkpoint, dtype=dtype)
+        step = int(text)
+    except ValueError:
+        step = -1
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"give latest, best or a step number, not {text!r}")
+    return step
+
+
+def add_which(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--which", type=which_checkpoint, default="latest", metavar="latest|best|STEP",
+        help="from a training workdir: the newest intact checkpoint (latest, the default), the "
+             "one with the best validation PSNR (best) or step STEP; the EMA weights of it. A "
+             "model directory holds one set of weights: only latest")
+
+
+def load_checkpoint(checkpoint: str, dtype: str | None, verbose: bool,
+                    which: str | int = "latest") -> IET:
+    """`model_dir.load_model`, from a training workdir the `which` checkpoint ('latest',
+    'best' or a step number; a model directory refuses any but 'latest'); what it raises
+    beyond its own `CheckpointError` (a ValueError) becomes one too, naming the checkpoint."""
+    directory = Path(checkpoint)
+    if (which != "latest" and (directory / model_dir.PARAMS_DIR).is_dir()
+            and not workdir_lib.is_training_workdir(directory)):
+        raise model_dir.CheckpointError(
+            f"--which {which}: {shown(checkpoint)} is a model directory, which holds one set of "
+            f"weights; --which picks a checkpoint of a training workdir: leave it out")
+    try:
+        return model_dir.load_model(checkpoint, dtype=dtype, which=which)
     except (model_dir.CheckpointError, FileNotFoundError, ValueError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - anything else a checkpoint can raise: one line
