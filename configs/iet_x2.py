@@ -1,4 +1,4 @@
-"""The packaged recipe `iet_x2` (iet_jax/configs/iet_x2.py, the one copy): this path and
-`--config iet_x2` load the same config."""
+"""The packaged recipe `iet_x2` (iet_jax/configs/iet_x2.py, its one copy):
+this path and `--config iet_x2` load the same config."""
 
 from iet_jax.configs.iet_x2 import get_config  # noqa: F401

@@ -3,9 +3,9 @@
     iet-convert --official-options options/test/003_IET_SRx4_finetune.yml \
         --checkpoint IET-SR-classical-x4.pth --output converted/iet_x4
 
-(or `python -m iet_jax.convert ...`) writes an iet-jax model directory (see `iet_jax.io.model_dir`); in Python,
-`iet_jax.io.official.load_official(options, checkpoint, dtype='float32')` returns the ready
-model.
+(or `python -m iet_jax.convert ...`) writes an iet-jax model directory (see
+`iet_jax.io.model_dir`); in Python, `iet_jax.io.official.load_official(options, checkpoint,
+dtype='float32')` returns the ready model.
 
 `.pth` files are read by `iet_jax.io.pth` without torch and without running any code from the
 file. Every official key must be used and every parameter filled; otherwise the error lists

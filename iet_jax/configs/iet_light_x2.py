@@ -1,5 +1,5 @@
-"""IET-light x2: `--config iet_light_x2` (official training settings) or `--config iet_light_x2:eval`
-(the settings the released checkpoint was evaluated with)."""
+"""IET-light x2: `--config iet_light_x2` (official training settings) or
+`--config iet_light_x2:eval` (the settings the released checkpoint was evaluated with)."""
 
 from iet_jax.training.config import recipe
 
