@@ -1,4 +1,4 @@
-"""The packaged recipe `demo` (iet_jax/configs/demo.py, its one copy):
-this path and `--config demo` load the same config."""
+"""The packaged recipe `demo` (`--config demo` names it too): its one copy is
+iet_jax/training/recipes/demo.py, which this file loads."""
 
-from iet_jax.configs.demo import get_config  # noqa: F401
+from iet_jax.training.recipes.demo import get_config  # noqa: F401

@@ -1,4 +1,4 @@
-"""The packaged recipe `iet_x2_finetune` (iet_jax/configs/iet_x2_finetune.py, its one copy):
-this path and `--config iet_x2_finetune` load the same config."""
+"""The packaged recipe `iet_x2_finetune` (`--config iet_x2_finetune` names it too): its one copy is
+iet_jax/training/recipes/iet_x2_finetune.py, which this file loads."""
 
-from iet_jax.configs.iet_x2_finetune import get_config  # noqa: F401
+from iet_jax.training.recipes.iet_x2_finetune import get_config  # noqa: F401

@@ -1,4 +1,4 @@
-"""The packaged recipe `iet_x3` (iet_jax/configs/iet_x3.py, its one copy):
-this path and `--config iet_x3` load the same config."""
+"""The packaged recipe `iet_x3` (`--config iet_x3` names it too): its one copy is
+iet_jax/training/recipes/iet_x3.py, which this file loads."""
 
-from iet_jax.configs.iet_x3 import get_config  # noqa: F401
+from iet_jax.training.recipes.iet_x3 import get_config  # noqa: F401

@@ -3,8 +3,9 @@
 The package is a house of rooms, one concern each, behind seven front doors:
 
     front doors   train.py, evaluate.py, upscale.py, export.py, convert.py and flops.py
-                  (python -m iet_jax.<name>), and datasets/build.py (python -m
-                  iet_jax.datasets.build): argument parsing, calling the rooms, printing
+                  (python -m iet_jax.<name>, or the console script iet-<name>), and
+                  datasets/build.py (python -m iet_jax.datasets.build, or iet-build):
+                  argument parsing, calling the rooms, printing
     training/     config checks and recipes, train state, optimiser, sharding, init_from, the
                   train step, validation, logging, the loop
     evaluation/   inference (whole, tiled, split test, self-ensemble), benchmark tables,

@@ -19,8 +19,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-from iet_jax.commands import prog
-from iet_jax.conventions.text import printable
+from iet_jax.conventions.text import command, printable
 from iet_jax.io import model_dir, official
 from iet_jax.model import config as config_lib
 
@@ -35,7 +34,7 @@ def _sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status 0; a mistake exits (SystemExit 2) after one `error:` line."""
-    parser = argparse.ArgumentParser(prog=prog("iet-convert"),
+    parser = argparse.ArgumentParser(prog=command("iet-convert", "iet_jax.convert"),
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--official-options", required=True, type=Path,
                         help="the official BasicSR option file (.yml) of the checkpoint")

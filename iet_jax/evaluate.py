@@ -39,8 +39,7 @@ import sys
 from pathlib import Path
 
 from iet_jax import datasets
-from iet_jax.commands import prog
-from iet_jax.conventions.text import shown
+from iet_jax.conventions.text import command, shown
 from iet_jax.evaluation import inference
 from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
 from iet_jax.evaluation.benchmark import (DEFAULT_DATASETS, DISPLAY_NAMES, describe_protocol,
@@ -52,7 +51,7 @@ from iet_jax.io import model_dir
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog=prog("iet-evaluate"),
+        prog=command("iet-evaluate", "iet_jax.evaluate"),
         description="PSNR/SSIM (Y channel, border = scale) of a checkpoint on SR benchmarks.")
     p.add_argument("--checkpoint", required=True,
                    help="model directory (config.json + params/) or training workdir")

@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 import sys
 
-from iet_jax import configs as recipes
-from iet_jax.commands import prog
+from iet_jax.conventions.text import command
 from iet_jax.model.flops import flops, lr_size
 from iet_jax.model.network import abstract_model
+from iet_jax.training import recipes
 
 def usage() -> str:
-    return f"usage: {prog('iet-flops')} --config RECIPE|FILE[:eval] [--output_size WxH]"
+    return (f"usage: {command('iet-flops', 'iet_jax.flops')} --config RECIPE|FILE[:eval] "
+            f"[--output_size WxH]")
 
 
 def main(argv=None) -> int:

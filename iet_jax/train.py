@@ -41,13 +41,13 @@ from pathlib import Path
 
 import jax
 
-from iet_jax import configs as recipes
-from iet_jax.commands import prog
+from iet_jax.conventions.text import command
 from iet_jax.datasets.loader import SmallImageError
 from iet_jax.io.files import WriteError
 from iet_jax.io.lock import WorkdirBusyError
 from iet_jax.io.stored import CheckpointError
 from iet_jax.io.workdir import CheckpointWriteError
+from iet_jax.training import recipes
 from iet_jax.training.config import ConfigError
 from iet_jax.training.loop import NonFiniteError, train_and_evaluate
 from iet_jax.training.sharding import DistributedInitError
@@ -56,8 +56,8 @@ HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
 
 def usage() -> str:
-    return (f"usage: {prog('iet-train')} --config RECIPE[:SETTINGS] --workdir DIR "
-            f"[--config.FIELD=VALUE ...] [--verbose]")
+    return (f"usage: {command('iet-train', 'iet_jax.train')} --config RECIPE[:SETTINGS] "
+            f"--workdir DIR [--config.FIELD=VALUE ...] [--verbose]")
 
 
 def _one_line(text: str) -> str:

@@ -35,8 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from iet_jax.commands import prog
-from iet_jax.conventions.text import shown
+from iet_jax.conventions.text import command, shown
 from iet_jax.evaluation import inference
 from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
 from iet_jax.evaluation.pictures import (check_outputs, collect_inputs, output_paths,
@@ -47,7 +46,7 @@ from iet_jax.io import model_dir
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog=prog("iet-upscale"),
+        prog=command("iet-upscale", "iet_jax.upscale"),
         description="Upscale PNG/JPEG/WebP images (files or folders) with an iet-jax checkpoint.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     p.add_argument("--checkpoint", required=True,

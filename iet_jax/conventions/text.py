@@ -16,8 +16,9 @@ as lone surrogates, and `print` refuses to encode).
 from __future__ import annotations
 
 import os
+import sys
 
-__all__ = ["printable", "shown"]
+__all__ = ["command", "printable", "shown"]
 
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -67,3 +68,10 @@ def printable(text: object, limit: int = 200) -> str:
         out.append(piece)
         used += len(piece)
     return "".join(out)
+
+
+def command(script: str, module: str) -> str:
+    """A command's name for its usage line: the console script `script` when it runs as that
+    (`iet-train`), else `python -m MODULE`."""
+    called = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return script if called.removesuffix(".exe") == script else f"python -m {module}"

@@ -35,14 +35,14 @@ import sys
 import time
 from pathlib import Path
 
-from iet_jax.commands import prog
-from iet_jax.conventions.text import printable
+from iet_jax.conventions.text import command, printable
 from iet_jax.datasets import builders, images, layouts
 from iet_jax.datasets.catalog import BENCHMARKS, default_data_dir
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog=prog("iet-build"), description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=command("iet-build", "iet_jax.datasets.build"),
+                                description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, choices=["demo", "paired", "benchmark", "div2k"])
     p.add_argument("--name", help="paired: the dataset's name (e.g. df2k); benchmark: "
                    + "/".join(BENCHMARKS) + " (default: every one in --manual-dir)")

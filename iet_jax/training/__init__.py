@@ -1,6 +1,8 @@
 """Training: from a config to a workdir of checkpoints.
 
 - `config`: the official recipes, the full training config and the checks before a run.
+- `recipes`: the recipe files that ship in the package (`--config iet_x4:eval`, `--config
+  demo`), and how a `--config` value names one.
 - `state`: the train state (parameters, EMA, optimiser state, counters), its creator and its
   EMA update.
 - `optim`: the optimiser (Muon + Adam, as the official recipes) and the learning-rate schedule.

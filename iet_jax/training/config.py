@@ -1,9 +1,10 @@
 """Training configs: the official recipes, the full config, and the checks before a run.
 
 `recipe(variant, scale, settings, stage)` is the config of an official recipe
-(`configs/<name>.py`); `training_config` builds one from its parts. `validate_config` refuses
-what cannot train, naming the field (`ConfigError`), and returns the model config the run
-uses (`model_config_for_training`: bfloat16 compute keeps float32 parameters).
+(`--config <name>`: `training/recipes/<name>.py`); `training_config` builds one from its
+parts. `validate_config` refuses what cannot train, naming the field (`ConfigError`), and
+returns the model config the run uses (`model_config_for_training`: bfloat16 compute keeps
+float32 parameters).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ MUON_LR_SCALE = {"iet": 5.0, "iet_light": 6.0}
 
 def recipe(variant: str, scale: int, settings: str | None = None, stage: str | None = None
            ) -> ml_collections.ConfigDict:
-    """The top-level config of an official recipe: `configs/<name>.py[:train|:eval]`.
+    """The top-level config of an official recipe: `--config <name>[:train|:eval]`.
 
     `stage` is 'scratch' or 'finetune' (default: 'scratch' at x2, 'finetune' at x3/x4; only
     IET x2 has both). `model` holds the network (official train or eval settings); the other
