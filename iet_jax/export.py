@@ -29,16 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-from iet_jax.conventions.text import shown
+from iet_jax.conventions.text import command, shown
 from iet_jax.evaluation import export as export_lib
 from iet_jax.evaluation import inference
-from iet_jax.evaluation.command_line import Parser, error, load_checkpoint
+from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
 from iet_jax.io import files, model_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(
-        prog="python -m iet_jax.export",
+        prog=command("iet-export", "iet_jax.export"),
         description="Export an iet-jax checkpoint's forward pass on fixed-size tiles as a "
                     "jax.export artifact (+ a JSON spec beside it) that runs without iet_jax.")
     p.add_argument("--checkpoint", required=True,
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32 whatever it is")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing artifact and spec")
+    add_which(p)
     p.add_argument("--verbose", action="store_true", help="show the traceback of errors")
     return p
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch must be 1 or more tiles, got {args.batch}; leave it out "
                              f"for any batch size")
         export_lib.check_output(args.output, args.overwrite)
-        model = load_checkpoint(args.checkpoint, args.dtype, args.verbose)
+        model = load_checkpoint(args.checkpoint, args.dtype, args.verbose, args.which)
         inference.check_tile(model, args.tile, args.tile_overlap)
     except (model_dir.CheckpointError, FileNotFoundError, ValueError) as e:
         error(e, args.verbose)
