@@ -8,6 +8,7 @@ PyTorch's default uniform init for convolutions) so training from scratch starts
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -168,6 +169,26 @@ class SimilarityFFN(nnx.Module):
         return self.ffn(g)
 
 
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["idx", "attn", "propagated"],
+                   meta_fields=["block", "layer", "height", "width"])
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """One layer's candidate lists, as `IET.__call__(..., return_candidates=True)` reports them.
+
+    Token `i` is pixel `(i // width, i % width)` of the (mirror-padded) LR token grid; `-1`
+    marks an empty slot. A pytree: `block`, `layer`, `height`, `width` are static.
+    """
+
+    block: int
+    layer: int
+    height: int  # token grid after padding (IET.min_size)
+    width: int
+    idx: jax.Array  # (B, h, N, K) int32: the lists this layer attended to, after its top-k cut
+    attn: jax.Array  # (B, h, N, K): its (cascaded) attention weights on `idx`
+    propagated: jax.Array | None  # (B, h, N, K + k_add): the lists after two-hop propagation
+
+
 class IETLayer(nnx.Module):
     """Pre-norm transformer layer: IEA with LePE, then ConvFFN (or SF-FFN in blocks 6, 7)."""
 
@@ -206,7 +227,9 @@ class IETLayer(nnx.Module):
         return t.reshape(b, h * w, self.heads, c // self.heads).transpose(0, 2, 1, 3)
 
     def __call__(self, x: jax.Array, state: attention.AttnState,
-                 initial: attention.InitialCandidates, train: bool):
+                 initial: attention.InitialCandidates, train: bool, record: list | None = None):
+        """(x, state) -> (x, state). With a list `record`, appends this layer's `Candidates`
+        (the only thing it changes; the outputs are the same either way)."""
         b, h, w, c = x.shape
         qkv = self.wqkv(self.norm1(x))
         q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -222,10 +245,17 @@ class IETLayer(nnx.Module):
         )
         out = out.transpose(0, 2, 1, 3).reshape(b, h, w, self.attn_dim).astype(x.dtype)
         y = self.proj(out + lepe)
+        kept = state
         if self.plan.propagate is not None:
             k1, k2, k_add = self.plan.propagate
             state = state._replace(
                 idx=attention.propagate(state.idx, state.attn, k1, k2, k_add, self.merge))
+        if record is not None:
+            lists = kept.idx if kept.idx is not None else jnp.broadcast_to(
+                jnp.asarray(initial.idx), kept.attn.shape)
+            record.append(Candidates(
+                self.plan.block, self.plan.layer, h, w, lists, kept.attn,
+                state.idx if self.plan.propagate is not None else None))
         x = x + y
         if not self.plan.similarity:
             return x + self.ffn(self.norm2(x)), state
@@ -259,10 +289,10 @@ class IETBlock(nnx.Module):
         dim = config.embed_dim
         self.conv = Bottleneck(dim, make) if block in BOTTLENECK_BLOCKS else make.conv(dim, dim, 3)
 
-    def __call__(self, x, state, initial, train: bool):
+    def __call__(self, x, state, initial, train: bool, record: list | None = None):
         y = x
         for layer in self.layers:
-            y, state = layer(y, state, initial, train)
+            y, state = layer(y, state, initial, train, record)
         return x + self.conv(y), state
 
 
@@ -316,11 +346,16 @@ class IET(nnx.Module):
         m = self.config.sparse_range * self.config.dilation
         return max(m, self.config.img_size) if train else m
 
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False, return_candidates: bool = False
+                 ) -> jax.Array | tuple[jax.Array, list[Candidates]]:
         """(B, H, W, 3) in [0, 1] -> (B, sH, sW, 3).
 
         `train` follows the official training mode: padding to `img_size` and the
         training-mode cascade normalisation (`attention.cascade`).
+
+        `return_candidates=True` returns `(output, candidates)` instead: one `Candidates` per
+        layer, in order (block 0 layer 0 first), read from the same forward pass; the output
+        is the same array either way. Nothing is stored on the model.
         """
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"expected NHWC images (B, H, W, 3), got shape {x.shape}")
@@ -335,14 +370,17 @@ class IET(nnx.Module):
         f = self.conv_first(x)
         t = self.patch_norm(f)
         state = attention.AttnState(idx=None, attn=None)
+        record = [] if return_candidates else None
         for block in self.blocks:
-            if cfg.get("remat", False):  # recompute the block's activations in the backward pass
+            if cfg.get("remat", False) and not return_candidates:
+                # recompute the block's activations in the backward pass
                 t, state = nnx.remat(lambda b, t, s: b(t, s, initial, train))(block, t, state)
             else:
-                t, state = block(t, state, initial, train)
+                t, state = block(t, state, initial, train, record)
         f = self.conv_after_body(self.norm(t)) + f
         y = self.upsample(f) / cfg.img_range + mean
-        return y[:, : height * cfg.scale, : width * cfg.scale]
+        y = y[:, : height * cfg.scale, : width * cfg.scale]
+        return (y, record) if return_candidates else y
 
 
 def mirror_pad(x: jax.Array, size: int) -> jax.Array:
