@@ -92,7 +92,7 @@ def test_pyproject_declares_a_console_script_for_each_front_door():
         "iet-train": "iet_jax.train:main", "iet-evaluate": "iet_jax.evaluate:main",
         "iet-upscale": "iet_jax.upscale:main", "iet-convert": "iet_jax.convert:main",
         "iet-build": "iet_jax.datasets.build:main", "iet-flops": "iet_jax.flops:main",
-        "iet-export": "iet_jax.export:main"}
+        "iet-export": "iet_jax.export:main", "iet-visualize": "iet_jax.visualize:main"}
     for script in SCRIPTS:
         assert callable(front_door(script)), script
 

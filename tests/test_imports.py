@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "iet_jax"
 
 FRONT_DOORS = {"iet_jax.train", "iet_jax.evaluate", "iet_jax.upscale", "iet_jax.convert",
-               "iet_jax.export",
+               "iet_jax.export", "iet_jax.visualize",
                "iet_jax.flops", "iet_jax.datasets.build"}
 # room -> what it may import besides itself (rooms, or single modules of a room)
 MAY_IMPORT = {
