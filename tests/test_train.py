@@ -52,6 +52,24 @@ def test_loss_falls_validation_runs_and_every_step_is_logged(tiny_run):
 
 
 @pytest.mark.xdist_group("tiny_run")
+def test_the_log_has_speed_and_peak_memory_where_reported(tiny_run):
+    workdir, cfg, _ = tiny_run
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "train/loss" in r]
+    # the first step settled (it compiles) only starts the clock
+    assert "train/steps_per_s" not in train_records[0]
+    for r in train_records[1:]:
+        assert r["train/steps_per_s"] > 0 and r["train/images_per_s"] > 0
+        assert r["train/images_per_s"] == pytest.approx(
+            cfg.batch_size * r["train/steps_per_s"])
+    stats = jax.local_devices()[0].memory_stats()
+    reported = stats is not None and stats.get("peak_bytes_in_use") is not None
+    assert all(("train/peak_memory_bytes" in r) == reported for r in train_records)
+    if reported:
+        assert all(r["train/peak_memory_bytes"] > 0 for r in train_records)
+
+
+@pytest.mark.xdist_group("tiny_run")
 def test_ema_follows_its_decay(tiny_run):
     """ema_5 = d * ema_4 + (1 - d) * params_5, exactly as float32 computes it."""
     workdir, cfg, _ = tiny_run

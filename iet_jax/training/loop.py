@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -232,6 +233,12 @@ class StepMonitor:
 
     `record(step, metrics)` settles the step before and keeps this one pending; `settle()`
     fetches the pending one now (before validation, checkpoints and the end).
+
+    Speed: the time between consecutive settled steps, summed over the steps since the last
+    log record, gives `steps_per_s` and `images_per_s` (global batch x steps/s). The first
+    step this invocation settles (it compiles) only starts the clock, and `restart_clock()`
+    after a validation or checkpoint leaves their time out. `peak_memory_bytes`: the
+    `peak_bytes_in_use` of this process's first device, where the backend reports it.
     """
 
     def __init__(self, config, logger: Logger, checkpoints: workdir_lib.Checkpoints):
@@ -239,6 +246,27 @@ class StepMonitor:
         self.history: list[tuple[int, float]] = []  # (step, loss) of every settled step
         self.skipped = 0  # non-finite steps seen by this invocation
         self._pending = None
+        self._clock = None  # when the last step settled; None until the first one
+        self._timed = [0, 0.0]  # steps and seconds since the last log record
+
+    def restart_clock(self) -> None:
+        """Measure the next step from now (after work that is not training)."""
+        if self._clock is not None:
+            self._clock = time.perf_counter()
+
+    def speed(self) -> dict:
+        """steps_per_s, images_per_s since the last call (when a step was timed) and
+        peak_memory_bytes (when reported)."""
+        out = {}
+        steps, seconds = self._timed
+        if steps and seconds > 0:
+            out["steps_per_s"] = steps / seconds
+            out["images_per_s"] = steps * self.config.batch_size / seconds
+        self._timed = [0, 0.0]
+        peak = peak_memory_bytes()
+        if peak is not None:
+            out["peak_memory_bytes"] = peak
+        return out
 
     def record(self, step: int, metrics) -> None:
         self.settle()
@@ -250,6 +278,11 @@ class StepMonitor:
         done, metrics = self._pending
         self._pending = None
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        if self._clock is not None:
+            self._timed[0] += 1
+            self._timed[1] += now - self._clock
+        self._clock = now
         self.history.append((done, m["loss"]))
         if not m["finite"]:
             if self.config.nonfinite == "stop":
@@ -261,7 +294,7 @@ class StepMonitor:
         if done % self.config.log_every == 0 or done == self.config.num_steps:
             for flag in ("finite", "finite_grads", "finite_update"):
                 m.pop(flag, None)
-            self.logger.scalars(done, {**m, "skipped": self.skipped})
+            self.logger.scalars(done, {**m, "skipped": self.skipped, **self.speed()})
 
     def stop(self, done: int, m: dict):
         """Close the checkpoints and the log, and raise NonFiniteError naming the step."""
@@ -272,6 +305,17 @@ class StepMonitor:
             f"{m['grad_norm']}); the update was not applied. {restart_point(self.checkpoints)}. "
             f"Lower optim.learning_rate, set optim.grad_clip_norm, or use "
             f"--config.nonfinite=skip to skip such steps")
+
+
+def peak_memory_bytes() -> int | None:
+    """`peak_bytes_in_use` of this process's first device, or None where the backend does
+    not report memory (the CPU backend)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        return None
+    peak = (stats or {}).get("peak_bytes_in_use")
+    return None if peak is None else int(peak)
 
 
 def nonfinite_cause(m: dict) -> str:
@@ -371,6 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
                     best = scores["psnr"] if best is None else max(best, scores["psnr"])
                     summary["validation"] = {"step": done, **scores}
                 save_checkpoint(checkpoints, state, loader, done, best, scores)
+                monitor.restart_clock()
             monitor.settle()
         finally:
             checkpoints.close()

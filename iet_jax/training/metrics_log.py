@@ -78,10 +78,11 @@ class Logger:
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
     def images(self, step: int, triplets) -> None:
+        """TensorBoard images tagged `val/<image name>`: each is the bicubic upscaling, the
+        model's output and the HR image side by side, in that order (left to right)."""
         if self.enabled and self.writer is not None:
             for name, img in triplets:
-                self.writer.add_image(f"val/{name} (bicubic | SR | HR)", img, step,
-                                      dataformats="HWC")
+                self.writer.add_image(f"val/{name}", img, step, dataformats="HWC")
 
     def progress(self, n: int, **postfix) -> None:
         if self.bar is not None:
