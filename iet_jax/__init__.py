@@ -1,8 +1,9 @@
 """iet-jax: the Individualized Exploratory Transformer (IET) for super-resolution in JAX.
 
-The package is a house of rooms, one concern each, behind seven front doors:
+The package is a house of rooms, one concern each, behind eight front doors:
 
-    front doors   train.py, evaluate.py, upscale.py, export.py, convert.py and flops.py
+    front doors   train.py, evaluate.py, upscale.py, export.py, visualize.py, convert.py and
+                  flops.py
                   (python -m iet_jax.<name>, or the console script iet-<name>), and
                   datasets/build.py (python -m iet_jax.datasets.build, or iet-build):
                   argument parsing, calling the rooms, printing
