@@ -10,8 +10,9 @@ which reports every layer's candidate lists (`IET.__call__(x, return_candidates=
 - `--output`: for each `--token Y,X` (LR pixel, row then column) and head, a row of panels on
   the LR image: the initial dense (squares) and dilated (dots) windows, then per block (its
   last layer; each layer with `--every-layer`) the candidates kept after top-k, coloured by
-  their attention weight (log scale), and the positions two-hop propagation added (red x).
-  Beside it, `<output>.json` lists every position drawn (the same numbers).
+  their attention weight (one linear scale, 0 to the largest weight drawn), and the positions
+  two-hop propagation added (red x). Beside it, `<output>.json` lists every position and
+  weight drawn (the same numbers).
 - `--summary`: the mean distance (LR pixels) of the kept candidates from their token, per
   block, averaged over all the image's tokens and heads, with the initial windows' mean.
 

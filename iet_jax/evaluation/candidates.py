@@ -150,15 +150,18 @@ def _pyplot():
 
 def token_figure(view: np.ndarray, panels: list[Panel], image_size: tuple[int, int]) -> bytes:
     """PNG: one row per (token, head), one column per panel; `view` is the padded LR image,
-    `image_size` (H, W) the image's own part (outlined when padded)."""
+    `image_size` (H, W) the image's own part (outlined when padded). The weights share one
+    linear colour scale, from 0 to the largest weight drawn."""
     plt = _pyplot()
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import Normalize
 
     rows = list(dict.fromkeys((p.token, p.head) for p in panels))
     cols = len(panels) // len(rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.6 * cols + 1, 2.6 * len(rows)),
                              squeeze=False, layout="constrained")
-    norm = LogNorm(vmin=1e-3, vmax=1.0, clip=True)
+    # one linear scale for the figure, 0 to the largest weight drawn
+    top = max((float(p.weights.max()) for p in panels if len(p.weights)), default=1.0)
+    norm = Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
     mappable = None
     for ax, p in zip(axes.flat, panels):
         ax.imshow(np.clip(view, 0, 1), interpolation="nearest")
@@ -171,7 +174,7 @@ def token_figure(view: np.ndarray, panels: list[Panel], image_size: tuple[int, i
                        label="dilated")
             title = f"start: {len(p.kept)} dense + {len(p.added)} dilated"
         else:
-            mappable = ax.scatter(p.kept[:, 1], p.kept[:, 0], s=14, c=np.maximum(p.weights, 1e-3),
+            mappable = ax.scatter(p.kept[:, 1], p.kept[:, 0], s=14, c=p.weights,
                                   cmap="viridis", norm=norm, edgecolors="none")
             if len(p.added):
                 ax.scatter(p.added[:, 1], p.added[:, 0], s=14, marker="x", c="red", lw=0.8)
@@ -185,7 +188,7 @@ def token_figure(view: np.ndarray, panels: list[Panel], image_size: tuple[int, i
             ax.set_ylabel(f"token {p.token[0]},{p.token[1]} head {p.head}", fontsize=7)
     if mappable is not None:
         bar = fig.colorbar(mappable, ax=axes, shrink=0.8)
-        bar.set_label("attention weight (log scale)", fontsize=7)
+        bar.set_label("attention weight", fontsize=7)
     return _png(fig)
 
 
@@ -207,7 +210,9 @@ def summary_figure(distances: list[tuple[int, int, float, float | None]], every_
     ax.set_xticks(xs, labels)
     ax.set_xlabel("block.layer" if every_layer else "block (its last layer)")
     ax.set_ylabel("mean distance to the token (LR pixels)")
-    ax.legend(fontsize=7)
+    top = max([initial] + [d for _, _, d, _ in distances] + [p for _, p in grown])
+    ax.set_ylim(0, 1.45 * top)
+    ax.legend(fontsize=7, loc="upper left")
     return _png(fig)
 
 
