@@ -14,7 +14,8 @@ which reports every layer's candidate lists (`IET.__call__(x, return_candidates=
   two-hop propagation added (red x). Beside it, `<output>.json` lists every position and
   weight drawn (the same numbers).
 - `--summary`: the mean distance (LR pixels) of the kept candidates from their token, per
-  block, averaged over all the image's tokens and heads, with the initial windows' mean.
+  block, averaged over all the image's tokens and heads, with the initial windows' mean; the
+  numbers are printed too.
 
 Images smaller than the model's window are mirror-padded as the model pads them; candidates
 can then lie in the padding (outlined). Files are written under a temporary name and renamed;
@@ -154,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             start = cand.initial_distance(model, height, width, (lists[0].height, lists[0].width))
             write_bytes_atomic(args.summary, cand.summary_figure(distances, args.every_layer,
                                                                  start), "--summary")
-            print(f"wrote {shown(args.summary)}")
+            print(f"wrote {shown(args.summary)}: mean distance of the candidates from their "
+                  f"token (LR pixels); initial windows {start:.4f}")
+            for block, layer, kept, grown in distances:
+                after = "" if grown is None else f", after propagation {grown:.4f}"
+                print(f"  block {block} layer {layer}: kept {kept:.4f}{after}")
     except OSError as e:
         error(e, args.verbose)
         return 1

@@ -95,24 +95,34 @@ def test_the_figure_draws_the_models_own_candidates(model, tiny_checkpoint, imag
 
 def test_mean_distances_against_a_hand_count():
     # a 2 x 3 grid of tokens, one head; the image is its top row (queries 0, 1, 2)
-    idx = np.array([[0, 4, -1], [5, 1, 0], [2, 3, -1], [0, 0, 0], [1, 1, 1], [2, 2, 2]])
+    idx = np.array([[0, 4, 4], [5, 1, 0], [2, 3, -1], [0, 0, 0], [1, 1, 1], [2, 2, 2]])
     propagated = np.array([[3, -1], [1, 2], [2, 5]] + [[0, 0]] * 3)
     c = Candidates(0, 0, 2, 3, idx[None, None], np.ones(idx.shape)[None, None],
                    propagated[None, None])
     (block, layer, kept, grown), = cand.mean_distances([c], 1, 3)
-    # token 0 at (0,0): 0 and (1,1) -> (0 + sqrt 2) / 2; token 1 at (0,1): (1,2), self,
+    # token 0 at (0,0): 0 and (1,1) (listed twice, counted once) -> (0 + sqrt 2) / 2; token 1 at (0,1): (1,2), self,
     # (0,0) -> (sqrt 2 + 0 + 1) / 3; token 2 at (0,2): self, (1,0) -> (0 + sqrt 5) / 2
     want = ((0 + 2 ** 0.5) / 2 + (2 ** 0.5 + 1) / 3 + 5 ** 0.5 / 2) / 3
     assert (block, layer) == (0, 0) and kept == pytest.approx(want)
     assert grown == pytest.approx((1.0 + 0.5 + 0.5) / 3)  # (1,0); self, (0,2); self, (1,2)
 
 
-def test_the_summary_figure_is_written(tiny_checkpoint, image_file, tmp_path):
+def test_the_summary_figure_is_written_with_the_apis_distances(capsys, model, tiny_checkpoint,
+                                                               image_file, tmp_path):
     out = tmp_path / "summary.png"
     args = ["--checkpoint", str(tiny_checkpoint), "--image", str(image_file), "--summary",
             str(out), "--every-layer"]
     assert visualize.main(args) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
+    x = jnp.asarray(_image(image_file))[None]
+    _, lists = nnx.jit(lambda m, x: m(x, return_candidates=True))(model, x)
+    lists = [Candidates(c.block, c.layer, c.height, c.width, np.asarray(c.idx), None,
+                        None if c.propagated is None else np.asarray(c.propagated))
+             for c in lists]
+    printed = capsys.readouterr().out
+    for block, layer, kept, grown in cand.mean_distances(lists, H, W):
+        after = "" if grown is None else f", after propagation {grown:.4f}"
+        assert f"block {block} layer {layer}: kept {kept:.4f}{after}\n" in printed
 
 
 @pytest.mark.parametrize("change,words", [

@@ -109,15 +109,20 @@ def token_panels(model: IET, lists: list[Candidates], token: tuple[int, int],
 def mean_distances(lists: list[Candidates], height: int, width: int
                    ) -> list[tuple[int, int, float, float | None]]:
     """Per layer: (block, layer, mean distance of the kept candidates, mean distance of the
-    lists after propagation or None), in LR pixels, averaged over the candidates of each
-    query token of the `height` x `width` image (not its padding) and head, then over those."""
+    lists after propagation or None), in LR pixels, averaged over the distinct candidates of
+    each query token of the `height` x `width` image (not its padding) and head, then over
+    those. (A layer on the initial lists lists the dilated entries that repeat the dense
+    window too; they count once.)"""
     out = []
     grid_w = lists[0].width
     ty, tx = np.divmod(np.arange(lists[0].height * grid_w), grid_w)
     queries = (ty < height) & (tx < width)
 
     def mean(idx):
-        idx = idx[:, :, queries]  # (B, h, n, K)
+        idx = np.sort(idx[:, :, queries], axis=-1)  # (B, h, n, K)
+        repeat = np.zeros(idx.shape, bool)
+        repeat[..., 1:] = idx[..., 1:] == idx[..., :-1]
+        idx = np.where(repeat, -1, idx)
         cy, cx = np.divmod(np.maximum(idx, 0), grid_w)
         d = np.hypot(cy - ty[queries][:, None], cx - tx[queries][:, None])
         valid = idx >= 0
@@ -178,7 +183,8 @@ def token_figure(view: np.ndarray, panels: list[Panel], image_size: tuple[int, i
                                   cmap="viridis", norm=norm, edgecolors="none")
             if len(p.added):
                 ax.scatter(p.added[:, 1], p.added[:, 0], s=14, marker="x", c="red", lw=0.8)
-            title = f"block {p.block} layer {p.layer}: {len(p.kept)} kept"
+            kept = len({tuple(q) for q in p.kept.tolist()})  # the initial lists repeat some
+            title = f"block {p.block} layer {p.layer}: {kept} kept"
             title += f", +{len(p.added)}" if len(p.added) else ""
         ax.plot(p.token[1], p.token[0], marker="*", ms=11, mec="black", mfc="white")
         ax.set_title(title, fontsize=7)
@@ -217,12 +223,10 @@ def summary_figure(distances: list[tuple[int, int, float, float | None]], every_
 
 
 def initial_distance(model: IET, height: int, width: int, grid: tuple[int, int]) -> float:
-    """`mean_distances`' measure for the initial windows (duplicates counted once)."""
+    """`mean_distances`' measure for the initial dense + dilated windows."""
     cfg = model.config
-    initial = attention.initial_candidates(grid[0], grid[1], cfg.local_range, cfg.sparse_range,
-                                           cfg.dilation)
-    idx = initial.idx.copy()
-    idx[:, initial.dense:][initial.duplicate] = -1
+    idx = attention.initial_candidates(grid[0], grid[1], cfg.local_range, cfg.sparse_range,
+                                       cfg.dilation).idx
     fake = Candidates(0, 0, grid[0], grid[1], idx[None, None], np.zeros(idx.shape)[None, None],
                       None)
     return mean_distances([fake], height, width)[0][2]
