@@ -19,12 +19,25 @@ import math
 import jax
 import jax.numpy as jnp
 
-# On CPU the XLA path walks (batch, head) pairs one at a time and queries in chunks whose
-# gathered [chunk, K, d] block is about this many bytes, so it stays in cache: measured on
-# the 2-core CI machine, 2-3x faster than 256-query chunks at K = 914 (which were already
-# faster than one big gather), and memory stays bounded. Other backends get one vmapped gather.
+# How the XLA path bounds its memory: it walks groups of (batch x head) rows and, within
+# them, chunks of queries, so only one gathered (heads, chunk, K, d) block exists at a time.
+# `plan` picks the two sizes for the backend the program is compiled for.
+#
+# On CPU: one (batch x head) row at a time, queries in chunks whose [chunk, K, d] block is
+# about this many bytes, so it stays in cache: measured on the 2-core CI machine, 2-3x faster
+# than 256-query chunks at K = 914 (which were already faster than one big gather).
 _CPU_BLOCK_BYTES = 4 << 20
 _CPU_MAX_CHUNK = 256
+# Elsewhere (TPU, GPU): every (batch x head) row at once and as many queries as keep the block
+# under this many bytes (all N when they fit): thousands of gathered rows per step keep an
+# accelerator busy, and one layer's gather_qk + gather_av forward and backward at IET's
+# largest lists (B*h = 6, N = 3136, K = 914, d = 40, float32) compiles to 0.45 GiB of
+# temporaries (5.4 GiB as one gather; 0.60 GiB with 128 MiB blocks).
+_DEVICE_BLOCK_BYTES = 64 << 20
+
+# What `plan` plans for: None, or (backend, block bytes off CPU) from `planned_for`. A jit
+# cache key, so a function traced under `planned_for("tpu")` is traced again outside it.
+_planned = jax.make_user_context(None)
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -32,30 +45,62 @@ def accumulation_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if dtype == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+def planned_for(backend: str, block_bytes: int | None = None):
+    """Context manager: trace the primitives with the plan of `backend` ("cpu", "tpu", "gpu").
+
+    For compiling another backend's plan on this machine, as the tests do to read the memory
+    the off-CPU plan needs (and, with a small `block_bytes`, to run its chunked walk at small
+    shapes; None: `_DEVICE_BLOCK_BYTES`). Outside it the primitives plan for
+    `jax.default_backend()`.
+    """
+    return _planned((backend, block_bytes))
 
 
-def _cpu_chunk(kk: int, d: int, dtype) -> int:
-    """Queries per chunk on CPU: a power of two whose [chunk, K, d] block is ~_CPU_BLOCK_BYTES."""
+def _floor_pow2(x: float) -> int:
+    return 2 ** max(0, math.floor(math.log2(max(x, 1))))
+
+
+def plan(h: int, n: int, kk: int, d: int, dtype, backend: str | None = None,
+         block_bytes: int | None = None) -> tuple[int, int]:
+    """(rows, queries): how many (batch x head) rows and queries one step gathers for.
+
+    For H = h rows of N = n queries with K = kk candidates of d channels in `dtype`'s
+    accumulation dtype. A step's gathered block is rows * queries * K * d elements. `backend`
+    and `block_bytes` (the cap off CPU) default to those of `planned_for`, else to
+    `jax.default_backend()` and `_DEVICE_BLOCK_BYTES`.
+    """
+    planned_backend, planned_bytes = _planned.value or (None, None)
+    backend = backend or planned_backend or jax.default_backend()
+    block_bytes = block_bytes or planned_bytes or _DEVICE_BLOCK_BYTES
     per_query = kk * d * jnp.dtype(accumulation_dtype(dtype)).itemsize
-    return int(min(_CPU_MAX_CHUNK, 2 ** max(0, math.floor(math.log2(_CPU_BLOCK_BYTES / per_query)))))
+    if backend == "cpu":
+        return 1, min(n, _CPU_MAX_CHUNK, _floor_pow2(_CPU_BLOCK_BYTES / per_query))
+    fits = block_bytes // per_query  # query rows per block, over all (batch x head) rows
+    if fits >= h * n:
+        return h, n
+    if fits >= h:
+        return h, min(n, _floor_pow2(fits / h))
+    return max(1, fits), 1
+
+
+def _map(fn, xs, batch: int):
+    """fn over the leading axis of xs, `batch` at a time (vmapped) and the batches in sequence."""
+    if batch >= jax.tree.leaves(xs)[0].shape[0]:
+        return jax.vmap(fn)(xs)
+    if batch == 1:
+        return jax.lax.map(fn, xs)
+    return jax.lax.map(fn, xs, batch_size=batch)
 
 
 def _per_query(fn, queries, table, idx):
     """fn(query_row, table_rows_gathered_by_idx_row) over (heads, N, ...), -> (heads, N, ...)."""
-    chunk = _cpu_chunk(idx.shape[-1], table.shape[-1], table.dtype)
+    rows, chunk = plan(*idx.shape, table.shape[-1], table.dtype)
 
     def one_head(args):
         qh, th, ih = args
-        rows = lambda qi: fn(qi[0], th[qi[1]])  # noqa: E731
-        if _on_cpu():
-            return jax.lax.map(rows, (qh, ih), batch_size=chunk)
-        return jax.vmap(rows)((qh, ih))
+        return _map(lambda qi: fn(qi[0], th[qi[1]]), (qh, ih), chunk)
 
-    if _on_cpu():
-        return jax.lax.map(one_head, (queries, table, idx))
-    return jax.vmap(one_head)((queries, table, idx))
+    return _map(one_head, (queries, table, idx), rows)
 
 
 def qk(x, y, idx):
@@ -83,14 +128,14 @@ def av(w, y, idx):
 def scatter(w, x, idx):
     """(H, N, K), (H, N, d), (H, N, K) -> (H, N, d): out[j] += w[i, t] * x[i] at j = idx[i, t].
 
-    On CPU queries are added in chunks so only a (chunk, K, d) block exists at a time; the
-    rows left over after whole chunks are added in one more step (padding instead would make
-    XLA constant-fold a padded copy of constant candidate lists, seconds per layer).
+    Queries are added in chunks (`plan`) so only a (rows, chunk, K, d) block exists at a time;
+    the queries left over after whole chunks are added in one more step (padding instead would
+    make XLA constant-fold a padded copy of constant candidate lists, seconds per layer).
     """
     acc = accumulation_dtype(jnp.promote_types(w.dtype, x.dtype))
     n, kk = idx.shape[1:]
     d = x.shape[-1]
-    chunk = min(_cpu_chunk(kk, d, acc), n) if _on_cpu() else n
+    rows, chunk = plan(w.shape[0], n, kk, d, acc)
     whole = n - n % chunk
     # Empty slots point past the end, where mode="drop" discards them.
     idx = jnp.where(idx < 0, n, idx)
@@ -112,6 +157,4 @@ def scatter(w, x, idx):
             out = add(out, wh[whole:], xh[whole:], ih[whole:])
         return out
 
-    if _on_cpu():
-        return jax.lax.map(one_head, (w, x, idx))
-    return jax.vmap(one_head)((w, x, idx))
+    return _map(one_head, (w, x, idx), rows)
