@@ -9,7 +9,8 @@ int32 with -1 marking an empty slot.
 
 `take_along_axis`-style row gathers and einsums, nothing else: the equivalent JAX code of the
 Pallas kernels (`iet_jax.kernels.pallas_gather`), which the tests compare them with. Results
-come out in the accumulation dtype (`accumulation_dtype`).
+come out in the accumulation dtype (`accumulation_dtype`). All three walk chunks of queries
+sized for the backend (`plan`), so their memory is bounded on every backend.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ _CPU_MAX_CHUNK = 256
 # Elsewhere (TPU, GPU): every (batch x head) row at once and as many queries as keep the block
 # under this many bytes (all N when they fit): thousands of gathered rows per step keep an
 # accelerator busy, and one layer's gather_qk + gather_av forward and backward at IET's
-# largest lists (B*h = 6, N = 3136, K = 914, d = 40, float32) compiles to 0.45 GiB of
-# temporaries (5.4 GiB as one gather; 0.60 GiB with 128 MiB blocks).
+# largest lists (B*h = 6, N = 3136, K = 914, d = 40, float32) compiles to 0.38 GiB of
+# temporaries, as on CPU (5.4 GiB as one gather; 0.42 GiB with 128 MiB blocks).
 _DEVICE_BLOCK_BYTES = 64 << 20
 
 # What `plan` plans for: None, or (backend, block bytes off CPU) from `planned_for`. A jit
@@ -92,13 +93,40 @@ def _map(fn, xs, batch: int):
     return jax.lax.map(fn, xs, batch_size=batch)
 
 
+def _walk(n: int, chunk: int, body, init):
+    """carry = body(carry, start, first_new) over the query chunks [start, start + chunk).
+
+    ceil(n / chunk) chunks in order; the last one is moved back to end at n instead of being
+    padded (padding would make XLA constant-fold a padded copy of constant candidate lists,
+    seconds per layer), so its queries before `first_new` were in the previous chunk already.
+    Slices of the whole arrays, never a reshape into chunks: vmapped over (batch x head) rows,
+    a scan over reshaped chunks would transpose every (N, K) operand and result.
+    """
+    if chunk >= n:
+        return body(init, 0, 0)
+
+    def step(s, carry):
+        return body(carry, jnp.minimum(s * chunk, n - chunk), s * chunk)
+
+    return jax.lax.fori_loop(0, -(-n // chunk), step, init)
+
+
 def _per_query(fn, queries, table, idx):
     """fn(query_row, table_rows_gathered_by_idx_row) over (heads, N, ...), -> (heads, N, ...)."""
+    n = idx.shape[1]
     rows, chunk = plan(*idx.shape, table.shape[-1], table.dtype)
 
     def one_head(args):
         qh, th, ih = args
-        return _map(lambda qi: fn(qi[0], th[qi[1]]), (qh, ih), chunk)
+        per_query = jax.vmap(lambda qi, ii: fn(qi, th[ii]))
+        out = jax.eval_shape(per_query, qh[:1], ih[:1])
+
+        def body(out, start, _):
+            part = per_query(jax.lax.dynamic_slice_in_dim(qh, start, chunk),
+                             jax.lax.dynamic_slice_in_dim(ih, start, chunk))
+            return jax.lax.dynamic_update_slice_in_dim(out, part, start, 0)
+
+        return _walk(n, chunk, body, jnp.zeros((n,) + out.shape[1:], out.dtype))
 
     return _map(one_head, (queries, table, idx), rows)
 
@@ -128,33 +156,26 @@ def av(w, y, idx):
 def scatter(w, x, idx):
     """(H, N, K), (H, N, d), (H, N, K) -> (H, N, d): out[j] += w[i, t] * x[i] at j = idx[i, t].
 
-    Queries are added in chunks (`plan`) so only a (rows, chunk, K, d) block exists at a time;
-    the queries left over after whole chunks are added in one more step (padding instead would
-    make XLA constant-fold a padded copy of constant candidate lists, seconds per layer).
+    Queries are added in chunks (`plan`, `_walk`), so only a (rows, chunk, K, d) block exists
+    at a time.
     """
     acc = accumulation_dtype(jnp.promote_types(w.dtype, x.dtype))
     n, kk = idx.shape[1:]
     d = x.shape[-1]
     rows, chunk = plan(w.shape[0], n, kk, d, acc)
-    whole = n - n % chunk
     # Empty slots point past the end, where mode="drop" discards them.
     idx = jnp.where(idx < 0, n, idx)
-
-    def add(out, wc, xc, ic):
-        contribution = wc.astype(acc)[..., None] * xc.astype(acc)[:, None, :]
-        return out.at[ic].add(contribution, mode="drop")
 
     def one_head(args):
         wh, xh, ih = args
 
-        def add_chunk(out, part):
-            return add(out, *part), None
+        def add_chunk(out, start, first_new):
+            wc, xc, ic = (jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (wh, xh, ih))
+            # Queries the previous chunk added already are dropped like empty slots.
+            ic = jnp.where((start + jnp.arange(chunk) >= first_new)[:, None], ic, n)
+            contribution = wc.astype(acc)[..., None] * xc.astype(acc)[:, None, :]
+            return out.at[ic].add(contribution, mode="drop")
 
-        parts = (wh[:whole].reshape(-1, chunk, kk), xh[:whole].reshape(-1, chunk, d),
-                 ih[:whole].reshape(-1, chunk, kk))
-        out, _ = jax.lax.scan(add_chunk, jnp.zeros((n, d), acc), parts)
-        if whole < n:
-            out = add(out, wh[whole:], xh[whole:], ih[whole:])
-        return out
+        return _walk(n, chunk, add_chunk, jnp.zeros((n, d), acc))
 
     return _map(one_head, (w, x, idx), rows)
