@@ -1,5 +1,5 @@
 """The recipe tests/test_multihost.py trains with `python -m iet_jax.train`: the tiny
-float64 model of `test_train.tiny_config` on the demo photographs (x2, LR patch 8), global
+float64 model of `tiny.tiny_training_config` on the demo photographs (x2, LR patch 8), global
 batch 4, 6 steps, a checkpoint every 2. Needs JAX_ENABLE_X64=1.
 
 With $IET_TEST_ROWS set, loading this recipe also installs the test's recorder: every
@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).absolute().parent))
 
-from test_train import tiny_config  # noqa: E402
+from tiny import tiny_training_config  # noqa: E402
 
 
 def get_config():
-    cfg = tiny_config(batch=4, steps=6, dtype="float64")
+    cfg = tiny_training_config(batch=4, steps=6, dtype="float64")
     cfg.name = "multihost_test"
     cfg.data.dataset = "demo"
     cfg.checkpoint_every = 2

@@ -34,7 +34,7 @@ def run_config(steps: int = 4):
     return cfg
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
     """A finished 4-step run with checkpoints at steps 2 and 4."""
     workdir = tmp_path_factory.mktemp("trained") / "wd"

@@ -38,7 +38,7 @@ from iet_jax.io import workdir as workdir_lib
 from iet_jax.training import sharding
 from iet_jax.training.config import ConfigError
 from iet_jax.training.loop import prepare_run
-from test_train import synthetic_source, tiny_config
+from tiny import synthetic_source, tiny_training_config
 
 ROOT = Path(__file__).absolute().parent.parent
 RECIPE = ROOT / "tests" / "multihost_recipe.py"
@@ -51,7 +51,7 @@ MULTI_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
 
 def group(**fields):
     """A `config.distributed` group: the defaults with `fields` set."""
-    cfg = tiny_config().distributed
+    cfg = tiny_training_config().distributed
     cfg.update(fields)
     return cfg
 
@@ -196,7 +196,7 @@ def test_workdirs_of_the_string_form_resume(tmp_path):
     """A workdir written when `distributed` was a string ("auto") resumes; the group's fields
     may change on a rerun."""
     workdir = tmp_path / "wd"
-    cfg = tiny_config()
+    cfg = tiny_training_config()
     prepare_run(cfg, workdir, train_source=synthetic_source(4, 0)).lock.release()
     fields = json.loads((workdir / "train_config.json").read_text())
     assert fields["distributed"]["mode"] == "auto"
@@ -204,7 +204,7 @@ def test_workdirs_of_the_string_form_resume(tmp_path):
     (workdir / "train_config.json").write_text(json.dumps(fields))
     (workdir / "checkpoints" / "6").mkdir(parents=True)
     prepare_run(cfg, workdir, train_source=synthetic_source(4, 0)).lock.release()
-    later = tiny_config()
+    later = tiny_training_config()
     later.distributed.update(mode="off", coordinator_address="h:1", num_processes=2,
                              process_id=1, local_device_ids="0")
     prepare_run(later, workdir, train_source=synthetic_source(4, 0)).lock.release()

@@ -25,7 +25,7 @@ from iet_jax.training.loop import NonFiniteError, train_and_evaluate
 from iet_jax.training.state import apply_model, init_params
 from tiny import CONFIGS, read_item, synthetic_source, tiny_training_config
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """(workdir, config, summary) of an 8-step run: a checkpoint every step, validation at 8.
     The tests that use it share one worker (`xdist_group`), so it runs once."""
