@@ -27,6 +27,9 @@ def get_config(settings: str | None = None):
         local_range=5, sparse_range=7, dilation=1, img_size=PATCH,
         topk_focus=((36,), (24,), (24,), (16,)),
         topk_prop_1=(6, 4, 0, 0), topk_prop_2=(4, 3, 0, 0), topk_prop_3=(12, 8, 0, 0),
+        # At 24 channels on 16x16 patches XLA's grouped conv trains faster on CPU than the
+        # shifted form "auto" picks there (500 steps: 49 s against 68 s on the 2-core machine).
+        depthwise_impl="conv",
     )
     config = training_config(
         model=model, dataset="demo", patch_size=PATCH, batch_size=4, learning_rate=2e-3,
