@@ -41,7 +41,7 @@ from pathlib import Path
 from iet_jax import datasets
 from iet_jax.conventions.text import command, shown
 from iet_jax.evaluation import inference
-from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
+from iet_jax.evaluation.command_line import Parser, add_checkpoint, error, load_checkpoint
 from iet_jax.evaluation.benchmark import (DEFAULT_DATASETS, DISPLAY_NAMES, describe_protocol,
                                           evaluate_source, format_scores, markdown_table,
                                           parse_datasets)
@@ -53,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=command("iet-evaluate", "iet_jax.evaluate"),
         description="PSNR/SSIM (Y channel, border = scale) of a checkpoint on SR benchmarks.")
-    p.add_argument("--checkpoint", required=True,
-                   help="model directory (config.json + params/) or training workdir")
-    add_which(p)
+    add_checkpoint(p)
     p.add_argument("--datasets", default=",".join(DEFAULT_DATASETS),
                    help="comma-separated dataset names, each optionally NAME:SPLIT "
                         "(default %(default)s)")

@@ -32,7 +32,7 @@ from pathlib import Path
 from iet_jax.conventions.text import command, shown
 from iet_jax.evaluation import export as export_lib
 from iet_jax.evaluation import inference
-from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
+from iet_jax.evaluation.command_line import Parser, add_checkpoint, error, load_checkpoint
 from iet_jax.io import files, model_dir
 
 
@@ -41,9 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=command("iet-export", "iet_jax.export"),
         description="Export an iet-jax checkpoint's forward pass on fixed-size tiles as a "
                     "jax.export artifact (+ a JSON spec beside it) that runs without iet_jax.")
-    p.add_argument("--checkpoint", required=True,
-                   help="model directory (config.json + params/), e.g. from iet_jax.convert, "
-                        "or a training workdir")
+    add_checkpoint(p)
     p.add_argument("--tile", type=int, required=True,
                    help="tile side in LR pixels (at least the model's minimum, e.g. 75 for "
                         "the official eval settings)")
@@ -63,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "float32 whatever it is")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing artifact and spec")
-    add_which(p)
     p.add_argument("--verbose", action="store_true", help="show the traceback of errors")
     return p
 

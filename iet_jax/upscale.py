@@ -37,7 +37,7 @@ from pathlib import Path
 
 from iet_jax.conventions.text import command, shown
 from iet_jax.evaluation import inference
-from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
+from iet_jax.evaluation.command_line import Parser, add_checkpoint, error, load_checkpoint
 from iet_jax.evaluation.pictures import (check_outputs, collect_inputs, output_paths,
                                          prepare_folder, read_picture, upscale_picture,
                                          write_picture)
@@ -49,10 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=command("iet-upscale", "iet_jax.upscale"),
         description="Upscale PNG/JPEG/WebP images (files or folders) with an iet-jax checkpoint.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--checkpoint", required=True,
-                   help="model directory (config.json + params/), e.g. from iet_jax.convert, "
-                        "or a training workdir")
-    add_which(p)
+    add_checkpoint(p)
     p.add_argument("--output", required=True,
                    help="folder for the upscaled images (made if missing); a run that would "
                         "write over an input file is refused")

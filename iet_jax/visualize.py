@@ -32,7 +32,7 @@ from pathlib import Path
 
 from iet_jax.conventions.text import command, shown
 from iet_jax.evaluation import candidates as cand
-from iet_jax.evaluation.command_line import Parser, add_which, error, load_checkpoint
+from iet_jax.evaluation.command_line import Parser, add_checkpoint, error, load_checkpoint
 from iet_jax.evaluation.pictures import read_picture
 from iet_jax.io import model_dir
 from iet_jax.io.files import write_bytes_atomic, write_text_atomic
@@ -60,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=command("iet-visualize", "iet_jax.visualize"),
         description="Draw the candidates IET's attention keeps for a token, block by block.")
-    p.add_argument("--checkpoint", required=True,
-                   help="model directory (config.json + params/) or training workdir")
-    add_which(p)
+    add_checkpoint(p)
     p.add_argument("--image", required=True, help="the LR image (PNG, JPEG or WebP)")
     p.add_argument("--token", type=_token, action="append", default=[], metavar="Y,X",
                    help="query token: LR pixel row,column (repeat for several)")

@@ -219,6 +219,16 @@ def test_which_loads_the_best_or_the_step_asked_for(workdir):
     assert not same(ema[2], ema[3]) and not same(ema[3], ema[4])
 
 
+def inputs_of(script: str, tmp_path: Path) -> list[str]:
+    """The arguments besides the checkpoint: a dataset to evaluate, or an image to upscale
+    into tmp_path/out."""
+    if script == "iet-evaluate":
+        return ["--datasets", "demo"]
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(image)
+    return [str(image), "--output", str(tmp_path / "out")]
+
+
 @pytest.mark.xdist_group("commands_workdir")
 @pytest.mark.parametrize("script", ["iet-evaluate", "iet-upscale"])
 def test_which_reaches_load_model_from_the_command_line(capsys, monkeypatch, tmp_path,
@@ -230,10 +240,7 @@ def test_which_reaches_load_model_from_the_command_line(capsys, monkeypatch, tmp
         raise model_dir.CheckpointError("stop here")
 
     monkeypatch.setattr(model_dir, "load_model", spy)
-    image = tmp_path / "in.png"
-    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(image)
-    rest = (["--datasets", "demo"] if script == "iet-evaluate"
-            else [str(image), "--output", str(tmp_path / "out")])
+    rest = inputs_of(script, tmp_path)
     for which in ("best", "3", None):
         flag = [] if which is None else ["--which", which]
         rc, _, err = run(capsys, script, "--checkpoint", str(workdir), *flag, *rest)
@@ -244,10 +251,7 @@ def test_which_reaches_load_model_from_the_command_line(capsys, monkeypatch, tmp
 @pytest.mark.xdist_group("commands_workdir")
 @pytest.mark.parametrize("script", ["iet-evaluate", "iet-upscale"])
 def test_which_a_step_that_is_not_there_names_the_steps(capsys, tmp_path, workdir, script):
-    image = tmp_path / "in.png"
-    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(image)
-    rest = (["--datasets", "demo"] if script == "iet-evaluate"
-            else [str(image), "--output", str(tmp_path / "out")])
+    rest = inputs_of(script, tmp_path)
     rc, _, err = run(capsys, script, "--checkpoint", str(workdir), "--which", "7", *rest)
     assert rc == 2
     one_line(err, "has no checkpoint 7; it has [1, 2, 3, 4]")
@@ -258,10 +262,7 @@ def test_which_a_step_that_is_not_there_names_the_steps(capsys, tmp_path, workdi
 def test_which_is_refused_for_a_model_directory_and_checked_by_the_parser(capsys, tmp_path,
                                                                           script):
     directory = model_dir.save_model(tmp_path / "model", random_model(tiny_model_config()))
-    image = tmp_path / "in.png"
-    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(image)
-    rest = (["--datasets", "demo"] if script == "iet-evaluate"
-            else [str(image), "--output", str(tmp_path / "out")])
+    rest = inputs_of(script, tmp_path)
     rc, _, err = run(capsys, script, "--checkpoint", str(directory), "--which", "best", *rest)
     assert rc == 2
     one_line(err, "--which best", "is a model directory", "leave it out")

@@ -42,7 +42,11 @@ def which_checkpoint(text: str) -> str | int:
     return step
 
 
-def add_which(parser: argparse.ArgumentParser) -> None:
+def add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """`--checkpoint` (a model directory or a training workdir) and `--which` (its step)."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="model directory (config.json + params/), e.g. from "
+                             "iet_jax.convert, or a training workdir")
     parser.add_argument(
         "--which", type=which_checkpoint, default="latest", metavar="latest|best|STEP",
         help="from a training workdir: the newest intact checkpoint (latest, the default), the "
