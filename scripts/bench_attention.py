@@ -171,16 +171,16 @@ def main(argv=None):
                       f"{f['GBps']:7.1f} {fb['ms']:9.2f} {fb['GBps']:7.1f} "
                       f"{fmt_bytes(fb['temp_bytes']):>9} {fmt_bytes(fb['peak_bytes_in_use']):>7}",
                       flush=True)
-
-    benchmarking.write_results(
-        output, rows,
-        benchmark="attention gather-attend (gather_qk, softmax, gather_av)",
-        quick=args.quick, repeats=args.repeats,
-        notes=("median of repeats after a first run; GBps = tensor bytes / time (q, k, "
-               "v, idx, scores/attention, output and cotangents once per pass); gathered_GBps "
-               "adds K reads of each gathered key/value row; temp_bytes from the compiled "
-               "program's memory_analysis; peak_bytes_in_use is process-wide and cumulative"))
-
+                # after each row, so a run stopped by a time limit keeps what it measured
+                benchmarking.write_results(
+                    output, rows,
+                    benchmark="attention gather-attend (gather_qk, softmax, gather_av)",
+                    quick=args.quick, repeats=args.repeats,
+                    notes=("median of repeats after a first run; GBps = tensor bytes / time "
+                           "(q, k, v, idx, scores/attention, output and cotangents once per "
+                           "pass); gathered_GBps adds K reads of each gathered key/value row; "
+                           "temp_bytes from the compiled program's memory_analysis; "
+                           "peak_bytes_in_use is process-wide and cumulative"))
 
 if __name__ == "__main__":
     main()

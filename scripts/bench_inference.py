@@ -60,6 +60,7 @@ def main() -> None:
         args.models, args.size, args.dtypes, args.repeats = "iet_light_x4", "48x40", "float32", 1
         args.tile = 80
     width, height = (int(v) for v in args.size.lower().split("x"))
+    output = args.output or benchmarking.default_output("inference", args.quick)
     rows = []
     for name in args.models.split(","):
         for dtype in args.dtypes.split(","):
@@ -67,12 +68,11 @@ def main() -> None:
                 row = measure(name, width, height, dtype, tile, args.tile_overlap, args.repeats)
                 rows.append(row)
                 print(row, flush=True)
+                benchmarking.write_results(output, rows)  # after each row: a timeout keeps them
     benchmarking.print_table(rows, [
         ("model", "model"), ("input", "LR input"), ("dtype", "dtype"), ("mode", "mode"),
         ("latency_s", "latency s"), ("first_call_s", "first call s"),
         ("peak_memory_gib", "peak GiB"), ("error", "error")])
-    output = args.output or benchmarking.default_output("inference", args.quick)
-    benchmarking.write_results(output, rows)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def main() -> None:
         args.cases = ",".join(f"{c.split(':')[0]}:16:2" for c in args.cases.split(","))
         args.repeats = min(args.repeats, 2)
     remats = {"both": (False, True), "on": (True,), "off": (False,)}[args.remat]
+    output = args.output or benchmarking.default_output("train_step", args.quick)
     rows = []
     for case in args.cases.split(","):
         name, patch, batch = case.split(":")
@@ -129,12 +130,11 @@ def main() -> None:
                                                          remat, args.gather_impl)
                 rows.append(row)
                 print(row, flush=True)
+                benchmarking.write_results(output, rows)  # after each row: a timeout keeps them
     benchmarking.print_table(rows, [
         ("model", "model"), ("patch", "LR patch"), ("batch", "batch"), ("dtype", "dtype"),
         ("remat", "remat"), ("images_per_s", "images/s"), ("step_s", "step s"),
         ("peak_memory_gib", "peak GiB"), ("largest_batch", "max batch"), ("error", "error")])
-    output = args.output or benchmarking.default_output("train_step", args.quick)
-    benchmarking.write_results(output, rows)
 
 
 if __name__ == "__main__":
