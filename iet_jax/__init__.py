@@ -12,7 +12,7 @@ The package is a house of rooms, one concern each, behind eight front doors:
     evaluation/   inference (whole, tiled, split test, self-ensemble), benchmark tables,
                   picture files, the jax.export artifact of a model on tiles
     io/           safe .pth reading, the official key map and option files, model directories,
-                  the training workdir
+                  the training workdir, the commands' compilation cache
     datasets/     catalog of names and paths, sources, folder layouts, TFDS builders, images,
                   the training-patch loader
     model/        the model config, the network, the attention, the FLOPs count

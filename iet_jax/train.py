@@ -43,6 +43,7 @@ import jax
 
 from iet_jax.conventions.text import command
 from iet_jax.datasets.loader import SmallImageError
+from iet_jax.io import compile_cache
 from iet_jax.io.files import WriteError
 from iet_jax.io.lock import WorkdirBusyError
 from iet_jax.io.stored import CheckpointError
@@ -229,6 +230,7 @@ def main(argv=None) -> int:
     if isinstance(parsed, int):
         return parsed
     config, workdir, verbose = parsed
+    compile_cache.enable()  # a rerun or a resume reads the compiled step back from disk
     try:
         summary = train_and_evaluate(config, workdir)
     except ConfigError as e:

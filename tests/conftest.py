@@ -1,8 +1,10 @@
 """Shared pytest set-up: tests marked `gpu` run only where JAX sees a GPU, JAX's persistent
-compilation cache lives in a temporary folder for the session (a run compiles the same train
-step again when a test reruns or resumes it), and the `tiny_checkpoint` fixture. Shared helper
+compilation cache lives in a temporary folder for the session, for the tests and for the
+commands they start (a run compiles the same train step again when a test reruns or resumes
+it), and the `tiny_checkpoint` fixture. Shared helper
 code is in `tiny.py` (models, stand-ins, images), `pth_writer.py` and `seeded_weights.py`."""
 
+import os
 import shutil
 import tempfile
 
@@ -17,6 +19,8 @@ def pytest_configure(config):
     _CACHE_DIR = tempfile.mkdtemp(prefix="iet-jax-test-jit-cache-")
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # Commands the tests start in subprocesses use the same session folder, not ~/.cache.
+    os.environ["IET_JAX_COMPILE_CACHE"] = _CACHE_DIR
 
 
 def pytest_unconfigure(config):

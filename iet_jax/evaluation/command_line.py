@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from iet_jax.conventions.text import shown
-from iet_jax.io import model_dir
+from iet_jax.io import compile_cache, model_dir
 from iet_jax.io import workdir as workdir_lib
 from iet_jax.model.network import IET
 
@@ -65,6 +65,7 @@ def load_checkpoint(checkpoint: str, dtype: str | None, verbose: bool,
         raise model_dir.CheckpointError(
             f"--which {which}: {shown(checkpoint)} is a model directory, which holds one set of "
             f"weights; --which picks a checkpoint of a training workdir: leave it out")
+    compile_cache.enable()  # every command that loads a checkpoint goes on to compile it
     try:
         return model_dir.load_model(checkpoint, dtype=dtype, which=which)
     except (model_dir.CheckpointError, FileNotFoundError, ValueError, MemoryError):
