@@ -1,4 +1,5 @@
-"""PairedPatchLoader: alignment, augmentation, determinism, resuming, per-host split."""
+"""PairedPatchLoader: alignment, augmentation, determinism, resuming, per-host split, and
+worker processes that change nothing but the speed."""
 
 import json
 
@@ -87,7 +88,7 @@ def test_crops_align_and_augmentation_is_shared(scale):
     src = make_source(scale)
     p = 8
     loader = PairedPatchLoader(src, scale=scale, patch_size=p, global_batch_size=6, seed=1,
-                               num_workers=2)
+                               num_threads=2)
     lrs = [x["lr"] for x in src.items]
     transforms = set()
     for _ in range(3):
@@ -116,7 +117,7 @@ def test_crops_align_and_augmentation_is_shared(scale):
 def test_no_augmentation_keeps_orientation():
     src = make_source(2)
     loader = PairedPatchLoader(src, scale=2, patch_size=6, global_batch_size=4, seed=3,
-                               augment=False, num_workers=1)
+                               augment=False, num_threads=1)
     b = next(loader)
     for lr_p in b["lr"]:
         hits = locate(np.round(lr_p * 255).astype(np.uint8), [x["lr"] for x in src.items], 6)
@@ -126,8 +127,8 @@ def test_no_augmentation_keeps_orientation():
 def test_deterministic_for_a_seed_and_threads_do_not_matter():
     src = make_source(4)
     kw = dict(scale=4, patch_size=8, global_batch_size=4)
-    a = PairedPatchLoader(src, seed=7, num_workers=1, prefetch=0, **kw)
-    b = PairedPatchLoader(src, seed=7, num_workers=4, prefetch=3, **kw)
+    a = PairedPatchLoader(src, seed=7, num_threads=1, prefetch=1, **kw)
+    b = PairedPatchLoader(src, seed=7, num_threads=4, prefetch=3, **kw)
     c = PairedPatchLoader(src, seed=8, **kw)
     for _ in range(4):
         x, y, z = next(a), next(b), next(c)
@@ -158,6 +159,46 @@ def test_state_round_trip_reproduces_the_continuation():
     other = PairedPatchLoader(src, **{**kw, "seed": 12})
     with pytest.raises(ValueError, match="seed"):
         other.set_state(state)
+
+
+def _assert_same(batch, expected, what):
+    for key in ("lr", "hr"):
+        assert batch[key].shape == expected[key].shape, what
+        np.testing.assert_array_equal(batch[key], expected[key], err_msg=f"{what} {key}")
+
+
+def test_worker_processes_give_the_batches_of_the_process_itself():
+    """0 against 2 worker processes (this host being process 1 of 2): the same batches, step
+    by step, as `batch(step)` computes in this process; and after `set_state` moves a loader
+    with workers back, the same batches again (its workers start afresh at that step)."""
+    src = make_source(3, n=4)
+    kw = dict(scale=3, patch_size=6, global_batch_size=6, seed=21, process_index=1,
+              process_count=2)
+    inline = PairedPatchLoader(src, num_workers=0, **kw)
+    workers = PairedPatchLoader(src, num_workers=2, **kw)
+    try:
+        expected = [inline.batch(step) for step in range(6)]
+        assert not np.array_equal(expected[0]["hr"], expected[1]["hr"])
+        for step in range(6):
+            _assert_same(next(inline), expected[step], f"0 workers, step {step}")
+            _assert_same(next(workers), expected[step], f"2 workers, step {step}")
+        state = json.loads(json.dumps(workers.get_state()))
+        assert state == inline.get_state() and state["step"] == 6
+        workers.set_state({**state, "step": 2})
+        for step in range(2, 5):
+            _assert_same(next(workers), expected[step], f"2 workers resumed, step {step}")
+        assert workers.step == 5
+    finally:
+        workers.close()
+
+
+def test_worker_and_thread_counts_are_checked():
+    src = make_source(2)
+    kw = dict(scale=2, patch_size=4, global_batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+        PairedPatchLoader(src, num_workers=-1, **kw)
+    with pytest.raises(ValueError, match="num_threads must be a positive integer"):
+        PairedPatchLoader(src, num_threads=0, **kw)
 
 
 def test_per_host_parts_are_disjoint_rows_of_the_global_batch():
