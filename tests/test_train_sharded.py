@@ -7,9 +7,10 @@ worker is already initialised with one CPU device).
   reductions moves scores by ~1e-7, enough to flip a top-k choice between near-equal
   candidates and send the runs apart; in float64 the differences stay ~1e-15 and no
   selection flips, so the tolerance is rtol 1e-9.
-- Resume: 6 steps straight, against 3 steps, SIGKILL (while the step-3 checkpoint is still
-  being written asynchronously), rerun of the same command: final parameters, EMA, optimiser
-  state and step counters bitwise equal.
+- Resume: 6 steps straight with the input read in the training process, against 3 steps,
+  SIGKILL (while the step-3 checkpoint is still being written asynchronously), rerun of the
+  same command, both with 2 input worker processes: final parameters, EMA, optimiser state
+  and step counters bitwise equal.
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ def test_mesh_4x2_fsdp_matches_one_device(tmp_path):
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    proc = _worker(["resume", str(straight), "0"], tmp_path)
+    proc = _worker(["resume", str(straight), "0", "0"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = _worker(["resume", str(killed), "3"], tmp_path)
+    proc = _worker(["resume", str(killed), "3", "2"], tmp_path)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-4000:])
-    proc = _worker(["resume", str(killed), "0"], tmp_path)
+    proc = _worker(["resume", str(killed), "0", "2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     resumed_from = json.loads((killed / "summary.json").read_text())["start_step"]
     assert resumed_from in (2, 3)  # 3 if its save had completed before the kill
@@ -131,7 +132,7 @@ def _mesh(tmp: Path, out: Path):
     out.write_text(json.dumps(results))
 
 
-def _resume(workdir: Path, kill_at: int):
+def _resume(workdir: Path, kill_at: int, num_workers: int):
     _setup_jax()
     sys.path.insert(0, str(HERE))
     from tiny import synthetic_source, tiny_training_config
@@ -148,6 +149,7 @@ def _resume(workdir: Path, kill_at: int):
 
         workdir_lib.Checkpoints.save = save_then_die
     cfg = tiny_training_config(steps=6)
+    cfg.data.num_workers = num_workers
     summary = train_and_evaluate(cfg, workdir, train_source=synthetic_source(6, 0))
     (workdir / "summary.json").write_text(json.dumps(
         {"start_step": summary["start_step"], "history": summary["history"]}))
@@ -158,4 +160,4 @@ if __name__ == "__main__":
     if mode == "mesh":
         _mesh(Path(rest[0]), Path(rest[1]))
     elif mode == "resume":
-        _resume(Path(rest[0]), int(rest[1]))
+        _resume(Path(rest[0]), int(rest[1]), int(rest[2]))

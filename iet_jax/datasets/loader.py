@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -341,7 +342,8 @@ class PairedPatchLoader:
         if self.num_workers:
             _absl_flags_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.num_workers, per_worker_buffer_size=self.prefetch))
+                num_workers=self.num_workers, per_worker_buffer_size=self.prefetch),
+                worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
         return it
 
     # ------------------------------------------------------------------ iteration
@@ -420,6 +422,19 @@ def _absl_flags_parsed() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+    """In a worker process: end it within a second of the training process's end, even a
+    SIGKILL (grain's workers would otherwise live on, holding the parent's output open)."""
+    del worker_index, worker_count
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _augment(img: np.ndarray, hflip: bool, vflip: bool, rot: bool) -> np.ndarray:

@@ -119,6 +119,10 @@ def training_config(*, model: ml_collections.ConfigDict, dataset: str, patch_siz
         # Training images whose LR side is shorter than patch_size: "error" refuses the run
         # naming them, "skip" leaves them out (and says how many).
         small_images="error",
+        # Worker processes decoding and cropping the training batches (grain, spawned);
+        # 0: in the training process, with read-ahead threads. The batches do not depend on
+        # it, so a resumed run may change it.
+        num_workers=0,
     ))
     # Global batch over all devices and hosts; it does not change with the device count.
     config.batch_size = batch_size
@@ -229,6 +233,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     small_images = data.get("small_images", "error")
     if small_images not in ("error", "skip"):
         raise ConfigError(f"data.small_images must be 'error' or 'skip', got {small_images!r}")
+    num_workers = data.get("num_workers", 0)
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ConfigError(f"data.num_workers must be an integer >= 0 (0: no worker processes), "
+                          f"got {num_workers!r}")
     if config.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"nonfinite must be 'stop' or 'skip', got {config.nonfinite!r}")
     if config.param_sharding not in ("replicate", "fsdp"):
@@ -346,16 +354,17 @@ def read_json_object(path: Path, prefix: str, fix: str) -> dict:
 # ----------------------------------------------------------------------------- resuming
 
 # Fields a rerun on a workdir that holds checkpoints may change: how long to train, what is
-# logged, validated and kept, where the data lives, and how the same computation is laid out
-# on the devices (mesh, sharding, micro-batches, rematerialisation, gather kernels). Every
+# logged, validated and kept, where the data lives and how many processes read it, and how the
+# same computation is laid out on the devices (mesh, sharding, micro-batches,
+# rematerialisation, gather kernels). Every
 # other field (the model, seed, batch, data, patch, augmentation, optimiser, schedule, EMA)
 # must equal the workdir's, so that the run continues exactly; `check_resume` refuses others.
 RESUME_MAY_CHANGE = frozenset({
     "name", "settings", "num_steps", "eval_every", "log_every", "checkpoint_every",
     "keep_checkpoints", "async_checkpointing", "val_images_to_log", "nonfinite", "init_from",
     "data.data_dir", "data.val_dataset", "data.val_split", "data.val_max_images",
-    "data.val_crop", "data.small_images", "optim.grad_accum_steps", "mesh.data", "mesh.fsdp",
-    "param_sharding", "distributed", "model.remat", "model.gather_impl",
+    "data.val_crop", "data.small_images", "data.num_workers", "optim.grad_accum_steps",
+    "mesh.data", "mesh.fsdp", "param_sharding", "distributed", "model.remat", "model.gather_impl",
     "model.gather_deterministic", "model.depthwise_impl",
 })  # a group (e.g. "distributed") stands for all its fields
 

@@ -173,7 +173,8 @@ def open_loader(config: ml_collections.ConfigDict, source, make_loader: Callable
             global_batch_size=config.batch_size, seed=config.seed,
             process_index=jax.process_index(), process_count=jax.process_count(),
             augment=config.data.augment,
-            small_images=config.data.get("small_images", "error"))
+            small_images=config.data.get("small_images", "error"),
+            num_workers=config.data.get("num_workers", 0))
     if jax.process_count() > 1:  # every process says its share, once
         rows = config.batch_size // jax.process_count()
         first = jax.process_index() * rows
