@@ -317,6 +317,10 @@ def test_other_fields_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.muon_variant must be one of \('official', "
                                           r"'optax'\), got 'keller'"):
         validate_config(cfg)
+    cfg = tiny_training_config()
+    cfg.data.num_workers = -1
+    with pytest.raises(ConfigError, match=r"data\.num_workers must be an integer >= 0 .*got -1"):
+        validate_config(cfg)
 
 
 def test_command_line_overrides_and_refusal(tmp_path, capsys):
