@@ -12,7 +12,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
-STAGES=${STAGES:-"tests attention train inference"}
+STAGES=${STAGES:-"tests attention input inference train"}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -37,15 +37,21 @@ stage() {  # stage SECONDS NAME COMMAND...
 
 # The tests that exercise the kernels, the attention and the model (the float64 parity
 # fixtures included) with compiled Triton kernels: several workers sharing the GPU, so no
-# process may take most of its memory up front.
-XLA_PYTHON_CLIENT_PREALLOCATE=false stage 120 tests python3 -m pytest -q -p no:cacheprovider \
-    -n 6 --timeout 110 -rfE --durations 12 --junitxml "$OUT/tests.xml" \
+# process may take most of its memory up front. -x -v: a failure is named (and its traceback
+# printed) even when the stage's time limit stops the rest.
+XLA_PYTHON_CLIENT_PREALLOCATE=false stage 90 tests python3 -m pytest -x -v -p no:cacheprovider \
+    -n 6 --timeout 85 --tb=short --durations 12 \
     tests/test_pallas_gather.py tests/test_attention.py tests/test_model.py \
     tests/test_parity.py tests/test_reference_memory.py tests/test_inference.py
-stage 60 attention python3 scripts/bench_attention.py --ks 914,225,64 --impls xla,pallas \
-    --repeats 5 --output "$OUT/attention_gpu.json"
-stage 90 train python3 scripts/bench_train.py --cases iet_light_x4:64:16,iet_x4:64:8 \
-    --dtypes bfloat16,float32 --remat off --repeats 5 --output "$OUT/train_step_gpu.json"
-stage 50 inference python3 scripts/bench_inference.py --dtypes float32,bfloat16 --repeats 3 \
-    --output "$OUT/inference_gpu.json"
+# The block-0 layer at K = 914: gathers (XLA, Pallas) against the tiled window products.
+stage 35 attention python3 scripts/bench_attention.py --ks 914 --impls xla,pallas,tiled \
+    --repeats 5 --output "$OUT/attention_initial_gpu.json"
+# The input pipeline against worker processes on this host's cores.
+stage 75 input python3 scripts/bench_input.py --workers 1,2,4,8,16 --seconds 2 \
+    --time-limit 70 --output "$OUT/input_gpu_host.json"
+# Compiling IET takes minutes: one case per model family, the lighter first.
+stage 90 inference python3 scripts/bench_inference.py --models iet_light_x4 --dtypes float32 \
+    --repeats 3 --output "$OUT/inference_gpu.json"
+stage 150 train python3 scripts/bench_train.py --cases iet_light_x4:64:16 --dtypes bfloat16 \
+    --remat off --repeats 3 --output "$OUT/train_step_gpu.json"
 echo "== done after ${SECONDS}s" | tee -a "$log"
