@@ -5,8 +5,8 @@ batch 4, 6 steps, a checkpoint every 2. Needs JAX_ENABLE_X64=1.
 With $IET_TEST_ROWS set, loading this recipe also installs the test's recorder: every
 training process appends, for each batch its loader hands to the train step, one JSON line
 to $IET_TEST_ROWS.<process index>: the step, the process index and count, the sample numbers
-the loader read since the batch before (`PairedPatchLoader.sample`, prefetching included) and
-a digest of each row (LR and HR patch) of the batch.
+the loader read since the batch before (`LocalSample`, prefetching included; the recipe reads
+in-process, with no worker processes) and a digest of each row (LR and HR patch) of the batch.
 """
 
 from __future__ import annotations
@@ -47,18 +47,20 @@ def _install_recorder(path: str) -> None:
     if getattr(cls, "_test_recorder", False):
         return
     lock = threading.Lock()
-    sample, next_batch = cls.sample, cls.__next__
+    read_since_last = []  # global sample numbers (one loader per training process)
+    local_sample, next_batch = loader_lib.LocalSample.__call__, cls.__next__
 
-    def recording_sample(self, k):
+    def recording_sample(self, j):
         with lock:
-            self.__dict__.setdefault("_test_read", []).append(int(k))
-        return sample(self, k)
+            read_since_last.append(self.sample_id(j))
+        return local_sample(self, j)
 
     def recording_next(self):
         step = self.step
         batch = next_batch(self)
         with lock:
-            read = sorted(self.__dict__.pop("_test_read", []))
+            read = sorted(read_since_last)
+            read_since_last.clear()
         record = {"step": step, "process": self.process_index, "count": self.process_count,
                   "read": read, "rows": [row_digest(lr, hr)
                                          for lr, hr in zip(batch["lr"], batch["hr"])]}
@@ -66,7 +68,8 @@ def _install_recorder(path: str) -> None:
             f.write(json.dumps(record) + "\n")
         return batch
 
-    cls.sample, cls.__next__, cls._test_recorder = recording_sample, recording_next, True
+    loader_lib.LocalSample.__call__ = recording_sample
+    cls.__next__, cls._test_recorder = recording_next, True
 
 
 if os.environ.get("IET_TEST_ROWS"):

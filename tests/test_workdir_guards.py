@@ -394,7 +394,7 @@ def test_small_images_skip_without_recorded_sizes():
 
     def batches(**kw):
         loader = loader_lib.PairedPatchLoader(images, scale=2, patch_size=8, global_batch_size=5,
-                                              seed=0, num_workers=1, **kw)
+                                              seed=0, num_threads=1, **kw)
         out = [next(loader)["lr"] for _ in range(3)]
         return out, loader
 
