@@ -14,6 +14,7 @@ Step by step, with shapes: docs/attention.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -21,8 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from iet_jax.kernels import gather
+from iet_jax.model import tiled
 
 CASCADE_EPS = 1e-20
+# How the initial-candidate layers compute their scores and aggregation (`initial_attention`):
+# "gather" (the candidate lists through `gather_qk`/`gather_av`, the tests' oracle), "tiled"
+# (windows as tiled matrix products, `iet_jax.model.tiled`) or "auto": per platform, from
+# `INITIAL_AUTO`, chosen when the program is lowered for it (`jax.lax.platform_dependent`).
+INITIAL_ATTENTION = ("auto", "gather", "tiled")
+INITIAL_AUTO = {"cpu": "tiled", "default": "gather"}
 
 
 # ----------------------------------------------------------------------------- neighbourhoods
@@ -62,6 +70,8 @@ class InitialCandidates(NamedTuple):
     duplicate: np.ndarray  # (N, r2^2) bool: dilated entries already in the dense window
     interior: np.ndarray  # (N,) bool: tokens that get the relative position bias
     dense: int  # r1^2
+    # The windows' geometry, for the tiled products: (H, W, r1, r2, dilation).
+    geometry: tuple[int, int, int, int, int]
 
 
 def initial_candidates(
@@ -81,6 +91,7 @@ def initial_candidates(
         duplicate=duplicate,
         interior=interior,
         dense=local_range * local_range,
+        geometry=(height, width, local_range, sparse_range, dilation),
     )
 
 
@@ -182,6 +193,50 @@ def _broadcast_initial(initial: InitialCandidates, batch: int, heads: int) -> ja
     return jnp.broadcast_to(idx, (batch, heads) + idx.shape)
 
 
+def _initial_scores(q: jax.Array, k: jax.Array, initial: InitialCandidates, mode: str,
+                    impl: str, deterministic: bool) -> jax.Array:
+    """Raw scores (B, h, N, K) of q against the initial lists (no bias, no masks)."""
+    if mode == "auto":
+        return _per_platform(_initial_scores, q, k, initial=initial, impl=impl,
+                             deterministic=deterministic)
+    if mode == "tiled":
+        height, width, r1, r2, dilation = initial.geometry
+        dense = tiled.window_scores(q, k, height, width, r1)
+        sparse = tiled.window_scores(q, k, height, width, r2, dilation)
+        return jnp.concatenate([dense, sparse], axis=-1)
+    b, h = q.shape[:2]
+    return gather.gather_qk(q, k, _broadcast_initial(initial, b, h), impl, deterministic)
+
+
+def _initial_aggregate(a: jax.Array, v: jax.Array, initial: InitialCandidates, mode: str,
+                       impl: str, deterministic: bool) -> jax.Array:
+    """(B, h, N, d): a (B, h, N, K) over the initial lists times their values."""
+    if mode == "auto":
+        return _per_platform(_initial_aggregate, a, v, initial=initial, impl=impl,
+                             deterministic=deterministic)
+    if mode == "tiled":
+        height, width, r1, r2, dilation = initial.geometry
+        dense = tiled.window_aggregate(a[..., : initial.dense], v, height, width, r1)
+        sparse = tiled.window_aggregate(a[..., initial.dense :], v, height, width, r2, dilation)
+        return dense + sparse
+    b, h = a.shape[:2]
+    return gather.gather_av(a, v, _broadcast_initial(initial, b, h), impl, deterministic)
+
+
+def _per_platform(fn, x: jax.Array, y: jax.Array, **static) -> jax.Array:
+    """fn(x, y, mode=INITIAL_AUTO[platform], **static) for the platform being lowered for."""
+    modes = {platform: functools.partial(fn, mode=mode, **static)
+             for platform, mode in INITIAL_AUTO.items()}
+    if len(set(INITIAL_AUTO.values())) == 1:
+        return modes["default"](x, y)
+    return jax.lax.platform_dependent(x, y, **modes)
+
+
+def check_initial_attention(mode: str) -> None:
+    if mode not in INITIAL_ATTENTION:
+        raise ValueError(f"initial_attention must be one of {INITIAL_ATTENTION}, got {mode!r}")
+
+
 def score(
     q: jax.Array,
     k: jax.Array,
@@ -191,12 +246,17 @@ def score(
     rpb: jax.Array | None,
     impl: str,
     deterministic: bool = False,
+    initial_attention: str = "gather",
 ) -> jax.Array:
-    """Raw scores (B, h, N, K) of pre-scaled q against each token's candidates."""
-    b, h = q.shape[:2]
+    """Raw scores (B, h, N, K) of pre-scaled q against each token's candidates.
+
+    On the initial lists `initial_attention` picks how they are computed (INITIAL_ATTENTION);
+    the bias and the duplicate mask are applied to either the same way.
+    """
     if not plan.on_initial:
         return gather.gather_qk(q, k, state.idx, impl, deterministic)
-    s = gather.gather_qk(q, k, _broadcast_initial(initial, b, h), impl, deterministic)
+    check_initial_attention(initial_attention)
+    s = _initial_scores(q, k, initial, initial_attention, impl, deterministic)
     dense, sparse = s[..., : initial.dense], s[..., initial.dense :]
     if rpb is not None:
         biased = dense + rpb.astype(s.dtype)[None, :, None, :]
@@ -234,12 +294,16 @@ def attend(
     impl: str,
     deterministic: bool = False,
     train: bool = False,
+    initial_attention: str = "gather",
 ) -> tuple[jax.Array, AttnState]:
     """Score, softmax, cascade, prune, aggregate. q is already scaled by d^-1/2.
 
-    `train` selects the training-mode cascade (see `cascade`). Returns (B,h,N,d) and the state.
+    `train` selects the training-mode cascade (see `cascade`). `initial_attention` how the
+    initial lists are scored and, when the layer keeps them all, aggregated (`score`).
+    Returns (B,h,N,d) and the state.
     """
-    a = jax.nn.softmax(score(q, k, state, plan, initial, rpb, impl, deterministic), axis=-1)
+    s = score(q, k, state, plan, initial, rpb, impl, deterministic, initial_attention)
+    a = jax.nn.softmax(s, axis=-1)
     if plan.cascade:
         a = cascade(a, state.attn, train)
     idx = state.idx
@@ -248,8 +312,10 @@ def attend(
     if plan.prunes:
         a, pos = jax.lax.top_k(a, plan.keep, is_stable=True)  # ties: lowest list position first
         idx = jnp.take_along_axis(idx, pos, axis=-1)
-    lists = idx if idx is not None else _broadcast_initial(initial, q.shape[0], q.shape[1])
-    out = gather.gather_av(a, v, lists, impl, deterministic)
+    if plan.on_initial and not plan.prunes:  # a is still over the initial lists
+        out = _initial_aggregate(a, v, initial, initial_attention, impl, deterministic)
+    else:
+        out = gather.gather_av(a, v, idx, impl, deterministic)
     return out, AttnState(idx=idx, attn=a)
 
 

@@ -85,6 +85,10 @@ def model_config(**fields: Any) -> ml_collections.ConfigDict:
         # Depthwise convs (LePE, FFNs): "auto" (CPU: shifted multiply-adds, else one grouped
         # conv), "conv", "shifted"; the same sums in another order (iet_jax.model.network).
         depthwise_impl="auto",
+        # The layers on the initial window lists (block 0 until a layer prunes): "gather"
+        # (the lists through gather_impl), "tiled" (the windows as tiled matrix products) or
+        # "auto" (per platform, iet_jax.model.attention.INITIAL_AUTO); the same sums.
+        initial_attention="auto",
         merge="index",  # "index": official cut by token index; "rank": keep best first
         remat=False,  # rematerialise each block in the backward pass (training memory)
     )
@@ -119,6 +123,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.depthwise_impl not in ("auto", "conv", "shifted"):
         raise ValueError(f"depthwise_impl must be 'auto', 'conv' or 'shifted', got "
                          f"{config.depthwise_impl!r}")
+    if config.initial_attention not in ("auto", "gather", "tiled"):
+        raise ValueError(f"initial_attention must be 'auto', 'gather' or 'tiled', got "
+                         f"{config.initial_attention!r}")
     if config.scale < 1:
         raise ValueError(f"scale must be a positive integer, got {config.scale}")
     for name in ("local_range", "sparse_range"):

@@ -201,6 +201,7 @@ class IETLayer(nnx.Module):
         self.scale = (self.attn_dim // self.heads) ** -0.5
         self.gather_impl = config.gather_impl
         self.gather_deterministic = config.gather_deterministic
+        self.initial_attention = config.initial_attention
         self.merge = config.merge
         hidden = int(dim * config.mlp_ratio)
         kernel = config.convffn_kernel_size
@@ -241,7 +242,7 @@ class IETLayer(nnx.Module):
         out, state = attention.attend(
             q, self._heads(k), self._heads(v).astype(attn_dtype), state, self.plan, initial,
             None if self.rpb is None else self.rpb[...], self.gather_impl,
-            self.gather_deterministic, train,
+            self.gather_deterministic, train, self.initial_attention,
         )
         out = out.transpose(0, 2, 1, 3).reshape(b, h, w, self.attn_dim).astype(x.dtype)
         y = self.proj(out + lepe)

@@ -365,7 +365,7 @@ RESUME_MAY_CHANGE = frozenset({
     "data.data_dir", "data.val_dataset", "data.val_split", "data.val_max_images",
     "data.val_crop", "data.small_images", "data.num_workers", "optim.grad_accum_steps",
     "mesh.data", "mesh.fsdp", "param_sharding", "distributed", "model.remat", "model.gather_impl",
-    "model.gather_deterministic", "model.depthwise_impl",
+    "model.gather_deterministic", "model.depthwise_impl", "model.initial_attention",
 })  # a group (e.g. "distributed") stands for all its fields
 
 
