@@ -20,8 +20,10 @@ tokens, and reports:
   the process, so compare rows in order), else n/a.
 
 Implementations: xla, pallas (atomic scatter in the backward), pallas_deterministic (sorted
-scatter). On a CPU Pallas runs interpreted, which says nothing about GPU speed: it is skipped
-there unless named in --impls. Results go to benchmarks/results/attention_<platform>[_quick].json.
+scatter), and tiled: the initial 17x17 + dilated 25x25 windows as tiled matrix products
+(`iet_jax.model.tiled`, what `initial_attention="tiled"` runs in block 0), so only at
+K = 914 on the initial lists; gather it against xla/pallas there. On a CPU Pallas runs
+interpreted, which says nothing about GPU speed: it is skipped there unless named in --impls. Results go to benchmarks/results/attention_<platform>[_quick].json.
 """
 
 from __future__ import annotations
@@ -38,14 +40,15 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iet_jax.kernels import gather  # noqa: E402
-from iet_jax.model import attention  # noqa: E402
+from iet_jax.model import attention, tiled  # noqa: E402
 
 import benchmarking  # noqa: E402  (scripts/benchmarking.py, a sibling of this script)
 
 ALL_KS = (914, 345, 225, 185, 125, 121, 81, 64, 36, 24)
 HEADS = {"iet": (6, 40, 40), "iet_light": (3, 20, 18)}  # heads, d at K = 914, d elsewhere
 IMPLS = {"xla": ("xla", False), "pallas": ("pallas", False),
-         "pallas_deterministic": ("pallas", True)}
+         "pallas_deterministic": ("pallas", True), "tiled": ("tiled", False)}
+INITIAL = (17, 25, 2)  # r1, r2, dilation of the initial lists
 
 
 def candidate_lists(key, batch, heads, side, k):
@@ -53,7 +56,7 @@ def candidate_lists(key, batch, heads, side, k):
     where the grid is big enough, else uniform random tokens."""
     n = side * side
     if side >= 50:
-        initial = jnp.asarray(attention.initial_candidates(side, side, 17, 25, 2).idx)
+        initial = jnp.asarray(attention.initial_candidates(side, side, *INITIAL).idx)
         if k == initial.shape[1]:
             return jnp.broadcast_to(initial, (batch, heads) + initial.shape), "initial 17x17+25x25"
         scores = jax.random.uniform(key, (batch, heads, n, initial.shape[1]))
@@ -61,6 +64,16 @@ def candidate_lists(key, batch, heads, side, k):
         return jnp.take_along_axis(jnp.broadcast_to(initial, scores.shape), pos, -1), \
             "random subsets of the initial lists"
     return jax.random.randint(key, (batch, heads, n, k), 0, n, jnp.int32), "uniform random"
+
+
+def tiled_layer(q, k, v, side):
+    """The same layer on the initial lists, their windows as tiled matrix products."""
+    r1, r2, dilation = INITIAL
+    s = jnp.concatenate([tiled.window_scores(q, k, side, side, r1),
+                         tiled.window_scores(q, k, side, side, r2, dilation)], axis=-1)
+    a = jax.nn.softmax(s, axis=-1)
+    return (tiled.window_aggregate(a[..., : r1 * r1], v, side, side, r1)
+            + tiled.window_aggregate(a[..., r1 * r1:], v, side, side, r2, dilation))
 
 
 def layer(q, k, v, idx, impl, deterministic):
@@ -98,8 +111,12 @@ def measure(variant, k, impl_name, args):
     q, kk, v = (jax.random.normal(keys[i], (batch, heads, n, d), dtype) for i in range(3))
     idx, lists = candidate_lists(keys[3], batch, heads, side, k)
     impl, deterministic = IMPLS[impl_name]
+    if impl == "tiled" and not lists.startswith("initial"):
+        return None  # tiled products exist for the initial window lists only
 
     def forward(q, kk, v, idx):
+        if impl == "tiled":
+            return tiled_layer(q, kk, v, side)
         return layer(q, kk, v, idx, impl, deterministic)
 
     def forward_backward(q, kk, v, idx):
@@ -134,8 +151,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="batch 2, 16x16 tokens, K in (64, 24): a quick look on a CPU")
     parser.add_argument("--impls", default=None,
-                        help="comma list of xla, pallas, pallas_deterministic (default: all; "
-                             "xla only on CPU, where Pallas is interpreted)")
+                        help="comma list of xla, pallas, pallas_deterministic, tiled (default: "
+                             "all; xla and tiled on CPU, where Pallas is interpreted)")
     parser.add_argument("--variants", default="iet,iet_light")
     parser.add_argument("--ks", default=None, help="comma list of K (default: IET's budgets)")
     parser.add_argument("--batch", type=int, default=None)
@@ -151,7 +168,7 @@ def main(argv=None):
     args.repeats = args.repeats or (3 if args.quick else 10)
     ks = [int(k) for k in args.ks.split(",")] if args.ks else ([64, 24] if args.quick else ALL_KS)
     impls = args.impls.split(",") if args.impls else (
-        ["xla"] if backend == "cpu" else list(IMPLS))
+        ["xla", "tiled"] if backend == "cpu" else list(IMPLS))
     unknown = set(impls) - set(IMPLS)
     if unknown:
         parser.error(f"unknown implementations {sorted(unknown)}; choose from {list(IMPLS)}")
@@ -165,6 +182,8 @@ def main(argv=None):
         for k in ks:
             for impl_name in impls:
                 row = measure(variant, k, impl_name, args)
+                if row is None:
+                    continue
                 rows.append(row)
                 f, fb = row["fwd"], row["fwd_bwd"]
                 print(f"{variant:10} {impl_name:21} {k:4d} {row['d']:3d} {f['ms']:9.2f} "

@@ -204,3 +204,99 @@ def test_attend_prunes_ties_by_list_position():
     _, new = A.attend(q, q, v, state, plan, None, None, "xla")
     np.testing.assert_array_equal(new.idx, idx[..., :3])
     np.testing.assert_array_equal(new.attn, 1 / k)
+
+
+# ----------------------------------------------------------------------------- tiled windows
+def windows_by_gather(q, k, v, a, idx):
+    """The oracle: scores and aggregation over the listed windows by plain gathers."""
+    return (jnp.einsum("bhnd,bhnkd->bhnk", q, k[:, :, idx]),
+            jnp.einsum("bhnk,bhnkd->bhnd", a, v[:, :, idx]))
+
+
+@pytest.mark.parametrize("h,w,kernel,dilation,tile", [
+    (17, 20, 17, 1, 8),  # non-square, tiles cut short at the far border, one window per row
+    (50, 53, 25, 2, 8),  # the dilated 25x25 window on two sub-grids of unequal length
+    (23, 20, 5, 3, 4), (12, 14, 3, 1, 16),  # three sub-grids; a tile longer than the axis
+])
+def test_window_products_equal_gathers(h, w, kernel, dilation, tile):
+    """Tiled window scores and aggregation equal gathers over `neighbourhood`, with
+    gradients (float64)."""
+    from iet_jax.model import tiled
+
+    rng = np.random.default_rng(h * w + kernel)
+    idx = A.neighbourhood(h, w, kernel, dilation)
+    with jax.enable_x64(True):
+        q, k, v = (jnp.asarray(rng.standard_normal((2, 2, h * w, 3))) for _ in range(3))
+        a = jnp.asarray(rng.standard_normal((2, 2, h * w, kernel * kernel)))
+
+        def tiled_both(q, k, v, a):
+            return (tiled.window_scores(q, k, h, w, kernel, dilation, tile),
+                    tiled.window_aggregate(a, v, h, w, kernel, dilation, tile))
+
+        def oracle(q, k, v, a):
+            return windows_by_gather(q, k, v, a, idx)
+
+        def values_and_grads(fn):
+            def loss(*args):
+                return sum(jnp.sum(jnp.sin(t)) for t in fn(*args))
+            return jax.jit(lambda *args: (fn(*args), jax.grad(loss, argnums=(0, 1, 2, 3))(*args)))
+
+        (got, got_grads), (want, want_grads) = (values_and_grads(fn)(q, k, v, a)
+                                                for fn in (tiled_both, oracle))
+        for g, wt in zip(got, want):
+            np.testing.assert_allclose(g, wt, rtol=0, atol=1e-12)
+        for got, want in zip(got_grads, want_grads):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("h,w,dilation,train", [(13, 11, 2, False), (16, 15, 3, True)])
+def test_attend_tiled_equals_gather_on_initial_layers(h, w, dilation, train):
+    """Two layers on the initial lists (3x3 + dilated 5x5, K = 34): one keeping all of them
+    (tiled scores and aggregation), one cascading and pruning to 20 (bias, duplicate mask,
+    top-k to list positions) then propagating. Same outputs, lists, attention and gradients
+    as the gather path (float64)."""
+    plan = A.build_plan(((34, 20),), (4,), (2,), (6,), 34, ())[0]
+    assert [p.on_initial for p in plan] == [True, True]
+    assert [(p.prunes, p.cascade, p.has_rpb) for p in plan] == [(False, False, True),
+                                                                 (True, True, True)]
+    initial = A.initial_candidates(h, w, 3, 5, dilation)
+    assert initial.duplicate.any() and not initial.interior.all()
+    rng = np.random.default_rng(dilation)
+    with jax.enable_x64(True):
+        qkv = jnp.asarray(rng.standard_normal((len(plan), 3, 2, 2, h * w, 4)))
+        rpb = jnp.asarray(rng.standard_normal((len(plan), 2, 9)))
+
+        def block(qkv, rpb, mode):
+            state, outs = A.AttnState(None, None), []
+            for p, (q, k, v), bias in zip(plan, qkv, rpb):
+                out, state = A.attend(q, k, v, state, p, initial, bias if p.has_rpb else None,
+                                      "xla", train=train, initial_attention=mode)
+                outs.append(out)
+            return jnp.stack(outs), state
+
+        def values_and_grads(mode):
+            def loss(qkv, rpb):
+                return jnp.sum(jnp.sin(block(qkv, rpb, mode)[0]))
+            return jax.jit(lambda qkv, rpb: (block(qkv, rpb, mode),
+                                             jax.grad(loss, argnums=(0, 1))(qkv, rpb)))
+
+        (want_out, want), want_grads = values_and_grads("gather")(qkv, rpb)
+        (got_out, got), got_grads = values_and_grads("tiled")(qkv, rpb)
+        np.testing.assert_array_equal(got.idx, want.idx)
+        np.testing.assert_allclose(got.attn, want.attn, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(got_out, want_out, rtol=0, atol=1e-12)
+        for g, wt in zip(got_grads, want_grads):
+            np.testing.assert_allclose(g, wt, rtol=0, atol=1e-11)
+        # "auto" is one of the two on every platform.
+        np.testing.assert_allclose(jax.jit(lambda *a: block(*a, "auto")[0])(qkv, rpb),
+                                   want_out, rtol=0, atol=1e-12)
+
+
+def test_initial_attention_refuses_unknown_mode():
+    with pytest.raises(ValueError, match="initial_attention"):
+        C.model_config(initial_attention="dense")
+    plan = A.build_plan(((34,),), (0,), (0,), (0,), 34, ())[0][0]
+    q = jnp.zeros((1, 1, 100, 2))
+    with pytest.raises(ValueError, match="initial_attention"):
+        A.attend(q, q, q, A.AttnState(None, None), plan, A.initial_candidates(10, 10, 3, 5, 2),
+                 None, "xla", initial_attention="dense")

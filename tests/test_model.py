@@ -126,3 +126,22 @@ def test_depthwise_conv_shifted_equals_grouped_conv(kernel, shape):
     np.testing.assert_allclose(low[1], low[0], rtol=2e-2, atol=5e-2)  # bfloat16 output rounding
     with pytest.raises(ValueError, match="depthwise_impl"):
         depthwise_conv(x, k, b, "fft")
+
+
+def test_tiled_initial_attention_equals_gather():
+    """The whole network with initial_attention 'tiled' against 'gather' (the oracle): float64
+    to 1e-12 in both modes, float32 to rounding, on a non-square input whose block-0 layer
+    keeps every initial candidate (scores and aggregation tiled). Eval mode: the modes differ
+    only after the tiled part (tests/test_attention.py checks both)."""
+    from tiny import random_model, tiny_model_config
+
+    image = np.random.default_rng(7).random((1, 13, 11, 3))
+    for dtype, atol in (("float64", 1e-12), ("float32", 1e-5)):
+        with jax.enable_x64(dtype == "float64"):
+            x = jnp.asarray(image, dtype)
+            outs = {}
+            for mode in ("gather", "tiled"):
+                model = random_model(tiny_model_config(initial_attention=mode,
+                                                       **config.dtype_fields(dtype)))
+                outs[mode] = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
+        np.testing.assert_allclose(outs["tiled"], outs["gather"], rtol=0, atol=atol)
