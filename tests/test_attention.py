@@ -214,9 +214,11 @@ def windows_by_gather(q, k, v, a, idx):
 
 
 @pytest.mark.parametrize("h,w,kernel,dilation,tile", [
-    (17, 20, 17, 1, 8),  # non-square, tiles cut short at the far border, one window per row
+    (17, 20, 17, 1, 8),  # non-square; one group per axis (its union is the whole axis)
+    (30, 37, 7, 1, 4),  # several groups, the last one short at the far border
     (50, 53, 25, 2, 8),  # the dilated 25x25 window on two sub-grids of unequal length
-    (23, 20, 5, 3, 4), (12, 14, 3, 1, 16),  # three sub-grids; a tile longer than the axis
+    (23, 41, 5, 3, 4),  # three sub-grids of unequal length, several groups in each along W
+    (12, 14, 3, 1, 16),  # a tile longer than the axis
 ])
 def test_window_products_equal_gathers(h, w, kernel, dilation, tile):
     """Tiled window scores and aggregation equal gathers over `neighbourhood`, with

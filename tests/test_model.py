@@ -130,7 +130,7 @@ def test_depthwise_conv_shifted_equals_grouped_conv(kernel, shape):
 
 def test_tiled_initial_attention_equals_gather():
     """The whole network with initial_attention 'tiled' against 'gather' (the oracle): float64
-    to 1e-12 in both modes, float32 to rounding, on a non-square input whose block-0 layer
+    to 1e-12, float32 to rounding, on a non-square input whose block-0 layer
     keeps every initial candidate (scores and aggregation tiled). Eval mode: the modes differ
     only after the tiled part (tests/test_attention.py checks both)."""
     from tiny import random_model, tiny_model_config

@@ -33,15 +33,26 @@ _PRECISION = jax.lax.Precision.HIGHEST  # float32 products in float32 (no TF32 o
 class AxisTiling(NamedTuple):
     """How one axis of `length` positions splits into query groups and their key unions.
 
-    G groups of `tile` query slots, each with a union of U key positions (its sub-grid's
-    positions, consecutive). All int32 NumPy arrays.
+    G groups of `tile` query slots, each with a union of U consecutive positions of its
+    sub-grid; every window is `kernel` consecutive union slots. All int32 NumPy arrays.
     """
 
     queries: np.ndarray  # (G, tile): position of each query slot (padding slots repeat one)
     keys: np.ndarray  # (G, U): position of each union slot (clamped into the axis)
-    read: np.ndarray  # (length, kernel): flat (G, tile, U) index of each window member's score
-    spread: np.ndarray  # (G, tile, U): flat (length, kernel + 1) index; kernel = "no member"
-    back: np.ndarray  # (length,): flat (G, tile) index of each position's query slot
+    group: np.ndarray  # (length,): each position's group
+    slot: np.ndarray  # (length,): its query slot in the group
+    offset: np.ndarray  # (length,): the union slot where its window starts
+
+
+def _tile_size(sub_lengths: list[int], kernel: int, tile: int) -> int:
+    """The group size: one group per sub-grid when its union would be the whole sub-grid
+    anyway (the products then hold no padding), else `tile` evened out over the sub-grid so
+    the last group is not nearly empty."""
+    longest = max(sub_lengths)
+    if tile + kernel - 1 >= longest:
+        return longest
+    groups = -(-longest // tile)
+    return -(-longest // groups)
 
 
 @functools.lru_cache(maxsize=64)
@@ -50,45 +61,68 @@ def axis_tiling(length: int, kernel: int, dilation: int, tile: int) -> AxisTilin
     # attention imports this module; the window placement is defined there.
     from iet_jax.model.attention import _window_starts
 
-    starts = (_window_starts(length, kernel, dilation) // dilation)  # in sub-grid steps
+    starts = _window_starts(length, kernel, dilation) // dilation  # in sub-grid steps
     sub_lengths = [len(range(s, length, dilation)) for s in range(dilation)]
+    tile = _tile_size(sub_lengths, kernel, tile)
     union = min(tile + kernel - 1, max(sub_lengths))
-    queries, keys, read = [], [], np.zeros((length, kernel), np.int64)
-    spread, back = [], np.zeros(length, np.int64)
+    queries, keys = [], []
+    group, slot, offset = (np.zeros(length, np.int32) for _ in range(3))
     for s in range(dilation):
         grid = np.arange(s, length, dilation)
         for first in range(0, len(grid), tile):
-            g = len(queries)
             members = grid[first:first + tile]
             # Windows start at most one step apart, so `union` slots from the first query's
             # window start cover the whole group; moved back where the sub-grid ends.
             u0 = max(0, min(starts[members[0]], sub_lengths[s] - union))
-            slots = np.minimum(s + dilation * (u0 + np.arange(union)), length - 1)
-            group_spread = np.full((tile, union), kernel, np.int64)  # padding: "no member"
-            for m, y in enumerate(members):
-                member = starts[y] - u0 + np.arange(kernel)  # union slot of each member
-                assert member.min() >= 0 and member.max() < union, (length, kernel, dilation)
-                read[y] = (g * tile + m) * union + member
-                group_spread[m] = y * (kernel + 1) + kernel
-                group_spread[m, member] = y * (kernel + 1) + np.arange(kernel)
-                back[y] = g * tile + m
+            group[members] = len(queries)
+            slot[members] = np.arange(len(members))
+            offset[members] = starts[members] - u0
             queries.append(np.resize(members, tile))
-            keys.append(slots)
-            spread.append(group_spread)
-    i32 = lambda a: np.asarray(a, np.int32)  # noqa: E731
-    return AxisTiling(i32(queries), i32(keys), i32(read), i32(spread), i32(back))
+            keys.append(np.minimum(s + dilation * (u0 + np.arange(union)), length - 1))
+    assert offset.min() >= 0 and offset.max() + kernel <= union, (length, kernel, dilation)
+    return AxisTiling(np.asarray(queries, np.int32), np.asarray(keys, np.int32), group, slot,
+                      offset)
 
 
-def _take2(x: jax.Array, rows: np.ndarray, cols: np.ndarray, axis: int) -> jax.Array:
-    """x indexed along `axis` by rows and along `axis + 1` by cols (flattened tables)."""
-    x = jnp.take(x, jnp.asarray(rows.ravel()), axis=axis)
-    return jnp.take(x, jnp.asarray(cols.ravel()), axis=axis + 1)
+def _starts(ty: AxisTiling, tx: AxisTiling) -> np.ndarray:
+    """(N, 6) int32: (gy, gx, slot y, slot x, offset y, offset x) of each token, row-major."""
+    h, w = ty.group.size, tx.group.size
+    columns = [np.repeat(ty.group, w), np.tile(tx.group, h), np.repeat(ty.slot, w),
+               np.tile(tx.slot, h), np.repeat(ty.offset, w), np.tile(tx.offset, h)]
+    return np.stack(columns, axis=1).astype(np.int32)
 
 
 def _tiles(t: jax.Array, ty: np.ndarray, tx: np.ndarray) -> jax.Array:
-    """(B, h, H, W, d) -> (B, h, Gy, Ty, Gx, Tx, d): the rows ty (Gy, Ty) x columns tx."""
-    out = _take2(t, ty, tx, 2)
-    return out.reshape(out.shape[:2] + ty.shape + tx.shape + out.shape[-1:])
+    """(B, h, H, W, d) -> (B, h, Gy, Gx, Ty, Tx, d): rows ty (Gy, Ty) x columns tx (Gx, Tx)."""
+    t = jnp.take(t, jnp.asarray(ty.ravel()), axis=2)
+    t = jnp.take(t, jnp.asarray(tx.ravel()), axis=3)
+    t = t.reshape(t.shape[:2] + ty.shape + tx.shape + t.shape[-1:])
+    return t.transpose(0, 1, 2, 4, 3, 5, 6)
+
+
+_WINDOWS = dict(offset_dims=(0, 1, 3, 4), collapsed_slice_dims=(2, 3, 4, 5),
+                start_index_map=(2, 3, 4, 5, 6, 7))
+_PROMISE = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
+
+
+def _read_windows(s: jax.Array, starts: np.ndarray, kernel: int) -> jax.Array:
+    """(B, h, Gy, Gx, Ty, Tx, U, V) tile products -> (B, h, N, kernel, kernel): each token's
+    window out of its own row of its group's product."""
+    return jax.lax.gather(
+        s, jnp.asarray(starts), jax.lax.GatherDimensionNumbers(**_WINDOWS),
+        slice_sizes=s.shape[:2] + (1, 1, 1, 1, kernel, kernel), indices_are_sorted=True,
+        unique_indices=True, mode=_PROMISE)
+
+
+def _spread_windows(a: jax.Array, starts: np.ndarray, tiles_shape: tuple) -> jax.Array:
+    """(B, h, N, kernel, kernel) -> (B, h, Gy, Gx, Ty, Tx, U, V): each token's window written
+    into its row of its group's matrix, zeros elsewhere (the inverse of `_read_windows`)."""
+    numbers = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=_WINDOWS["offset_dims"],
+        inserted_window_dims=_WINDOWS["collapsed_slice_dims"],
+        scatter_dims_to_operand_dims=_WINDOWS["start_index_map"])
+    return jax.lax.scatter(jnp.zeros(tiles_shape, a.dtype), jnp.asarray(starts), a, numbers,
+                           indices_are_sorted=True, unique_indices=True, mode=_PROMISE)
 
 
 def window_scores(q: jax.Array, k: jax.Array, height: int, width: int, kernel: int,
@@ -100,13 +134,11 @@ def window_scores(q: jax.Array, k: jax.Array, height: int, width: int, kernel: i
     tx = axis_tiling(width, kernel, dilation, tile)
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     grid = (b, heads, height, width, d)
-    qt = _tiles(q.reshape(grid), ty.queries, tx.queries)  # (B,h,Gy,T,Gx,T,d)
-    kt = _tiles(k.reshape(grid), ty.keys, tx.keys)  # (B,h,Gy,U,Gx,V,d)
-    s = jnp.einsum("bhymxnd,bhyuxvd->bhymuxnv", qt, kt, precision=_PRECISION,
+    qt = _tiles(q.reshape(grid), ty.queries, tx.queries)  # (B,h,Gy,Gx,T,T,d)
+    kt = _tiles(k.reshape(grid), ty.keys, tx.keys)  # (B,h,Gy,Gx,U,V,d)
+    s = jnp.einsum("bhyxmnd,bhyxuvd->bhyxmnuv", qt, kt, precision=_PRECISION,
                    preferred_element_type=acc)
-    s = s.reshape(b, heads, ty.spread.size, tx.spread.size)
-    s = _take2(s, ty.read, tx.read, 2)  # (B, h, H * kernel, W * kernel)
-    s = s.reshape(b, heads, height, kernel, width, kernel).transpose(0, 1, 2, 4, 3, 5)
+    s = _read_windows(s, _starts(ty, tx), kernel)
     return s.reshape(b, heads, n, kernel * kernel)
 
 
@@ -118,15 +150,19 @@ def window_aggregate(a: jax.Array, v: jax.Array, height: int, width: int, kernel
     ty = axis_tiling(height, kernel, dilation, tile)
     tx = axis_tiling(width, kernel, dilation, tile)
     acc = jnp.float64 if jnp.promote_types(a.dtype, v.dtype) == jnp.float64 else jnp.float32
-    a = a.astype(acc).reshape(b, heads, height, width, kernel, kernel).transpose(0, 1, 2, 4, 3, 5)
-    # A zero after each axis's members: where `spread` points for union slots off the window.
-    a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, 1), (0, 0), (0, 1)))
-    a = a.reshape(b, heads, height * (kernel + 1), width * (kernel + 1))
-    dense = _take2(a, ty.spread, tx.spread, 2).reshape(
-        (b, heads) + ty.spread.shape + tx.spread.shape)  # (B,h,Gy,T,U,Gx,T,V)
-    vt = _tiles(v.reshape(b, heads, height, width, d), ty.keys, tx.keys)  # (B,h,Gy,U,Gx,V,d)
-    out = jnp.einsum("bhymuxnv,bhyuxvd->bhymxnd", dense, vt.astype(acc), precision=_PRECISION,
+    starts = _starts(ty, tx)
+    tiles_shape = (b, heads, len(ty.queries), len(tx.queries), ty.queries.shape[1],
+                   tx.queries.shape[1], ty.keys.shape[1], tx.keys.shape[1])
+    dense = _spread_windows(a.astype(acc).reshape(b, heads, n, kernel, kernel), starts,
+                            tiles_shape)
+    vt = _tiles(v.reshape(b, heads, height, width, d), ty.keys, tx.keys)  # (B,h,Gy,Gx,U,V,d)
+    out = jnp.einsum("bhyxmnuv,bhyxuvd->bhyxmnd", dense, vt.astype(acc), precision=_PRECISION,
                      preferred_element_type=acc)
-    out = out.reshape(b, heads, ty.queries.size, tx.queries.size, d)
-    out = _take2(out, ty.back, tx.back, 2)  # (B, h, H, W, d)
-    return out.reshape(b, heads, n, d)
+    # Each token's own row of its group's result.
+    out = jax.lax.gather(
+        out, jnp.asarray(starts[:, :4]),
+        jax.lax.GatherDimensionNumbers(offset_dims=(0, 1, 3), collapsed_slice_dims=(2, 3, 4, 5),
+                                       start_index_map=(2, 3, 4, 5)),
+        slice_sizes=(b, heads, 1, 1, 1, 1, d), indices_are_sorted=True, unique_indices=True,
+        mode=_PROMISE)
+    return out
