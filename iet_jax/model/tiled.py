@@ -11,10 +11,12 @@ downstream are unchanged. Aggregation runs the other way: the (N, r^2) attention
 into per-block (queries x union) matrices, zero outside each query's window, and multiplied
 by the union's values.
 
-Window geometry is separable (the window of token (y, x) is rows(y) x columns(x)), so every
-index table here is per axis, built once in NumPy, and the 2-D reads and writes are two
-`jnp.take`s along H and W: no (N, K) index array exists, neither in memory nor as a constant
-in the compiled program.
+Window geometry is separable (the window of token (y, x) is rows(y) x columns(x)), so the
+index tables are built per axis in NumPy; the reads and writes between the products and the
+list layout are one windowed gather / scatter each, driven by an (N, 6) table of start
+indices: no (N, K) index array exists, in memory or as a constant of the compiled program.
+Both directions are exact (each list entry is one product entry), so the two paths differ
+only in summation order.
 """
 
 from __future__ import annotations
