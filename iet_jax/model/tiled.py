@@ -13,8 +13,8 @@ by the union's values.
 
 Window geometry is separable (the window of token (y, x) is rows(y) x columns(x)), so the
 index tables are built per axis in NumPy; the reads and writes between the products and the
-list layout are one windowed gather / scatter each, driven by an (N, 6) table of start
-indices: no (N, K) index array exists, in memory or as a constant of the compiled program.
+list layout are one windowed gather each, driven by a table of start indices per token or
+query slot: no (N, K) index array exists, in memory or as a constant of the compiled program.
 Both directions are exact (each list entry is one product entry), so the two paths differ
 only in summation order.
 """
@@ -102,8 +102,6 @@ def _tiles(t: jax.Array, ty: np.ndarray, tx: np.ndarray) -> jax.Array:
     return t.transpose(0, 1, 2, 4, 3, 5, 6)
 
 
-_WINDOWS = dict(offset_dims=(0, 1, 3, 4), collapsed_slice_dims=(2, 3, 4, 5),
-                start_index_map=(2, 3, 4, 5, 6, 7))
 _PROMISE = jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
@@ -111,20 +109,37 @@ def _read_windows(s: jax.Array, starts: np.ndarray, kernel: int) -> jax.Array:
     """(B, h, Gy, Gx, Ty, Tx, U, V) tile products -> (B, h, N, kernel, kernel): each token's
     window out of its own row of its group's product."""
     return jax.lax.gather(
-        s, jnp.asarray(starts), jax.lax.GatherDimensionNumbers(**_WINDOWS),
+        s, jnp.asarray(starts),
+        jax.lax.GatherDimensionNumbers(offset_dims=(0, 1, 3, 4), collapsed_slice_dims=(2, 3, 4, 5),
+                                       start_index_map=(2, 3, 4, 5, 6, 7)),
         slice_sizes=s.shape[:2] + (1, 1, 1, 1, kernel, kernel), indices_are_sorted=True,
         unique_indices=True, mode=_PROMISE)
 
 
-def _spread_windows(a: jax.Array, starts: np.ndarray, tiles_shape: tuple) -> jax.Array:
-    """(B, h, N, kernel, kernel) -> (B, h, Gy, Gx, Ty, Tx, U, V): each token's window written
-    into its row of its group's matrix, zeros elsewhere (the inverse of `_read_windows`)."""
-    numbers = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=_WINDOWS["offset_dims"],
-        inserted_window_dims=_WINDOWS["collapsed_slice_dims"],
-        scatter_dims_to_operand_dims=_WINDOWS["start_index_map"])
-    return jax.lax.scatter(jnp.zeros(tiles_shape, a.dtype), jnp.asarray(starts), a, numbers,
-                           indices_are_sorted=True, unique_indices=True, mode=_PROMISE)
+def _spread_windows(a: jax.Array, ty: AxisTiling, tx: AxisTiling, kernel: int) -> jax.Array:
+    """(B, h, N, kernel, kernel) -> (B, h, Gy, Gx, Ty, Tx, U, V): each token's window placed
+    in its row of its group's matrix, zeros elsewhere (what `_read_windows` reads back).
+
+    Every window is padded with zeros to reach any placement, then each row is one slice of
+    its token's padded window: a gather, about 3x faster than a scatter into zeros on CPU.
+    Padding query slots get their repeated token's row; their results are never read.
+    """
+    (groups_y, tile_y), union_y = ty.queries.shape, ty.keys.shape[1]
+    (groups_x, tile_x), union_x = tx.queries.shape, tx.keys.shape[1]
+    pad_y, pad_x = union_y - kernel, union_x - kernel
+    a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (pad_y, pad_y), (pad_x, pad_x)))
+    shape = (groups_y, groups_x, tile_y, tile_x)
+    token = ty.queries[:, None, :, None] * tx.group.size + tx.queries[None, :, None, :]
+    start_y = pad_y - ty.offset[ty.queries][:, None, :, None]
+    start_x = pad_x - tx.offset[tx.queries][None, :, None, :]
+    starts = np.stack([np.broadcast_to(c, shape).ravel() for c in (token, start_y, start_x)],
+                      axis=1).astype(np.int32)
+    out = jax.lax.gather(
+        a, jnp.asarray(starts),
+        jax.lax.GatherDimensionNumbers(offset_dims=(0, 1, 3, 4), collapsed_slice_dims=(2,),
+                                       start_index_map=(2, 3, 4)),
+        slice_sizes=a.shape[:2] + (1, union_y, union_x), mode=_PROMISE)
+    return out.reshape(a.shape[:2] + shape + (union_y, union_x))
 
 
 def window_scores(q: jax.Array, k: jax.Array, height: int, width: int, kernel: int,
@@ -152,17 +167,13 @@ def window_aggregate(a: jax.Array, v: jax.Array, height: int, width: int, kernel
     ty = axis_tiling(height, kernel, dilation, tile)
     tx = axis_tiling(width, kernel, dilation, tile)
     acc = jnp.float64 if jnp.promote_types(a.dtype, v.dtype) == jnp.float64 else jnp.float32
-    starts = _starts(ty, tx)
-    tiles_shape = (b, heads, len(ty.queries), len(tx.queries), ty.queries.shape[1],
-                   tx.queries.shape[1], ty.keys.shape[1], tx.keys.shape[1])
-    dense = _spread_windows(a.astype(acc).reshape(b, heads, n, kernel, kernel), starts,
-                            tiles_shape)
+    dense = _spread_windows(a.astype(acc).reshape(b, heads, n, kernel, kernel), ty, tx, kernel)
     vt = _tiles(v.reshape(b, heads, height, width, d), ty.keys, tx.keys)  # (B,h,Gy,Gx,U,V,d)
     out = jnp.einsum("bhyxmnuv,bhyxuvd->bhyxmnd", dense, vt.astype(acc), precision=_PRECISION,
                      preferred_element_type=acc)
     # Each token's own row of its group's result.
     out = jax.lax.gather(
-        out, jnp.asarray(starts[:, :4]),
+        out, jnp.asarray(_starts(ty, tx)[:, :4]),
         jax.lax.GatherDimensionNumbers(offset_dims=(0, 1, 3), collapsed_slice_dims=(2, 3, 4, 5),
                                        start_index_map=(2, 3, 4, 5)),
         slice_sizes=(b, heads, 1, 1, 1, 1, d), indices_are_sorted=True, unique_indices=True,
