@@ -52,6 +52,6 @@ stage 75 input python3 scripts/bench_input.py --workers 1,2,4,8,16 --seconds 2 \
 # Compiling IET takes minutes: one case per model family, the lighter first.
 stage 90 inference python3 scripts/bench_inference.py --models iet_light_x4 --dtypes float32 \
     --repeats 3 --output "$OUT/inference_gpu.json"
-stage 150 train python3 scripts/bench_train.py --cases iet_light_x4:64:16 --dtypes bfloat16 \
+stage 120 train python3 scripts/bench_train.py --cases iet_light_x4:64:16 --dtypes bfloat16 \
     --remat off --repeats 3 --output "$OUT/train_step_gpu.json"
 echo "== done after ${SECONDS}s" | tee -a "$log"
