@@ -233,6 +233,7 @@ def _per_platform(fn, x: jax.Array, y: jax.Array, **static) -> jax.Array:
 
 
 def check_initial_attention(mode: str) -> None:
+    """Refuse an unknown `initial_attention` with a one-line message."""
     if mode not in INITIAL_ATTENTION:
         raise ValueError(f"initial_attention must be one of {INITIAL_ATTENTION}, got {mode!r}")
 
