@@ -15,7 +15,8 @@ The package is a house of rooms, one concern each, behind eight front doors:
                   the training workdir, the commands' compilation cache
     datasets/     catalog of names and paths, sources, folder layouts, TFDS builders, images,
                   the training-patch loader
-    model/        the model config, the network, the attention, the FLOPs count
+    model/        the model config, the network, the attention (and its initial windows as tiled
+                  matrix products), the FLOPs count
     kernels/      the gather dispatch with its custom_vjp, the XLA reference, the Pallas kernels
     conventions/  MATLAB bicubic, the field's PSNR/SSIM, quoting outside text in messages
 

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iet_jax.model.windows import window_starts
+
 DEFAULT_TILE = 8
 _PRECISION = jax.lax.Precision.HIGHEST  # float32 products in float32 (no TF32 on GPUs)
 
@@ -60,10 +62,7 @@ def _tile_size(sub_lengths: list[int], kernel: int, tile: int) -> int:
 @functools.lru_cache(maxsize=64)
 def axis_tiling(length: int, kernel: int, dilation: int, tile: int) -> AxisTiling:
     """Per-axis tables for windows of `kernel` members on `dilation` interleaved sub-grids."""
-    # attention imports this module; the window placement is defined there.
-    from iet_jax.model.attention import _window_starts
-
-    starts = _window_starts(length, kernel, dilation) // dilation  # in sub-grid steps
+    starts = window_starts(length, kernel, dilation) // dilation  # in sub-grid steps
     sub_lengths = [len(range(s, length, dilation)) for s in range(dilation)]
     tile = _tile_size(sub_lengths, kernel, tile)
     union = min(tile + kernel - 1, max(sub_lengths))
