@@ -319,10 +319,6 @@ class PairedPatchLoader:
         """Global sample ``k``: (LR patch, HR patch), uint8. A pure function of (seed, k)."""
         return self.sampler(k)
 
-    def _sample_ids(self, step: int) -> range:
-        start = step * self.global_batch_size + self.process_index * self.local_batch_size
-        return range(start, start + self.local_batch_size)
-
     # ------------------------------------------------------------------ the pipeline
 
     def dataset(self, start_step: int = 0):
