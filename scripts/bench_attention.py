@@ -40,7 +40,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from iet_jax.kernels import gather  # noqa: E402
-from iet_jax.model import attention, tiled  # noqa: E402
+from iet_jax.model import attention  # noqa: E402
 
 import benchmarking  # noqa: E402  (scripts/benchmarking.py, a sibling of this script)
 
@@ -67,13 +67,12 @@ def candidate_lists(key, batch, heads, side, k):
 
 
 def tiled_layer(q, k, v, side):
-    """The same layer on the initial lists, their windows as tiled matrix products."""
-    r1, r2, dilation = INITIAL
-    s = jnp.concatenate([tiled.window_scores(q, k, side, side, r1),
-                         tiled.window_scores(q, k, side, side, r2, dilation)], axis=-1)
+    """The same layer on the initial lists, their windows as tiled matrix products: the
+    model's own `initial_attention="tiled"` scores and aggregation (no bias or masks)."""
+    initial = attention.initial_candidates(side, side, *INITIAL)
+    s = attention.initial_scores(q, k, initial, "tiled", "xla", False)
     a = jax.nn.softmax(s, axis=-1)
-    return (tiled.window_aggregate(a[..., : r1 * r1], v, side, side, r1)
-            + tiled.window_aggregate(a[..., r1 * r1:], v, side, side, r2, dilation))
+    return attention.initial_aggregate(a, v, initial, "tiled", "xla", False)
 
 
 def layer(q, k, v, idx, impl, deterministic):

@@ -167,11 +167,11 @@ def _broadcast_initial(initial: InitialCandidates, batch: int, heads: int) -> ja
     return jnp.broadcast_to(idx, (batch, heads) + idx.shape)
 
 
-def _initial_scores(q: jax.Array, k: jax.Array, initial: InitialCandidates, mode: str,
+def initial_scores(q: jax.Array, k: jax.Array, initial: InitialCandidates, mode: str,
                     impl: str, deterministic: bool) -> jax.Array:
     """Raw scores (B, h, N, K) of q against the initial lists (no bias, no masks)."""
     if mode == "auto":
-        return _per_platform(_initial_scores, q, k, initial=initial, impl=impl,
+        return _per_platform(initial_scores, q, k, initial=initial, impl=impl,
                              deterministic=deterministic)
     if mode == "tiled":
         height, width, r1, r2, dilation = initial.geometry
@@ -182,11 +182,11 @@ def _initial_scores(q: jax.Array, k: jax.Array, initial: InitialCandidates, mode
     return gather.gather_qk(q, k, _broadcast_initial(initial, b, h), impl, deterministic)
 
 
-def _initial_aggregate(a: jax.Array, v: jax.Array, initial: InitialCandidates, mode: str,
+def initial_aggregate(a: jax.Array, v: jax.Array, initial: InitialCandidates, mode: str,
                        impl: str, deterministic: bool) -> jax.Array:
     """(B, h, N, d): a (B, h, N, K) over the initial lists times their values."""
     if mode == "auto":
-        return _per_platform(_initial_aggregate, a, v, initial=initial, impl=impl,
+        return _per_platform(initial_aggregate, a, v, initial=initial, impl=impl,
                              deterministic=deterministic)
     if mode == "tiled":
         height, width, r1, r2, dilation = initial.geometry
@@ -231,7 +231,7 @@ def score(
     if not plan.on_initial:
         return gather.gather_qk(q, k, state.idx, impl, deterministic)
     check_initial_attention(initial_attention)
-    s = _initial_scores(q, k, initial, initial_attention, impl, deterministic)
+    s = initial_scores(q, k, initial, initial_attention, impl, deterministic)
     dense, sparse = s[..., : initial.dense], s[..., initial.dense :]
     if rpb is not None:
         biased = dense + rpb.astype(s.dtype)[None, :, None, :]
@@ -288,7 +288,7 @@ def attend(
         a, pos = jax.lax.top_k(a, plan.keep, is_stable=True)  # ties: lowest list position first
         idx = jnp.take_along_axis(idx, pos, axis=-1)
     if plan.on_initial and not plan.prunes:  # a is still over the initial lists
-        out = _initial_aggregate(a, v, initial, initial_attention, impl, deterministic)
+        out = initial_aggregate(a, v, initial, initial_attention, impl, deterministic)
     else:
         out = gather.gather_av(a, v, idx, impl, deterministic)
     return out, AttnState(idx=idx, attn=a)
