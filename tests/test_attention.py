@@ -206,6 +206,38 @@ def test_attend_prunes_ties_by_list_position():
     np.testing.assert_array_equal(new.attn, 1 / k)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_sorted_top_k_equals_lax_top_k(dtype):
+    """The CPU's sort-based top-k against jax.lax.top_k(is_stable=True), the oracle: the same
+    values and positions (bitwise) on rows full of ties, signed zeros, infinities and NaNs of
+    either sign, and the same gradient."""
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(dtype == "float64"):
+        x = rng.choice(np.array([0.25, -0.5, 0.0, -0.0, 1.0, np.inf, -np.inf, np.nan,
+                                 -np.nan, 3.0]), size=(3, 5, 40))
+        x = np.where(rng.random(x.shape) < 0.5, rng.standard_normal(x.shape), x)
+        x = jnp.asarray(x, dtype)
+        for k in (1, 7, 23, 40):
+            want, got = jax.lax.top_k(x, k, is_stable=True), A._sorted_top_k(x, k)
+            np.testing.assert_array_equal(got[1], want[1])
+            bits = f"uint{8 * x.dtype.itemsize}"
+            np.testing.assert_array_equal(np.asarray(got[0]).view(bits),
+                                          np.asarray(want[0]).view(bits))
+        finite = jnp.asarray(rng.standard_normal((2, 30)), dtype)
+        weights = jnp.asarray(rng.standard_normal((2, 12)), dtype)
+        grads = [jax.grad(lambda x, f=f: jnp.sum(f(x, 12)[0] * weights).astype(jnp.float32))(
+            finite) for f in (lambda x, k: jax.lax.top_k(x, k, is_stable=True),
+                              A._sorted_top_k)]
+        np.testing.assert_array_equal(grads[1], grads[0])
+
+
+def test_top_k_sorts_on_cpu_only_when_keeping_much_of_the_row():
+    """`top_k` lowers to a sort on CPU when k >= n / 6 and to XLA's top-k otherwise."""
+    x = jnp.zeros((4, 60))
+    assert "sort" in jax.jit(lambda x: A.top_k(x, 10)).lower(x).as_text()
+    small = jax.jit(lambda x: A.top_k(x, 9)).lower(x).as_text()
+    assert "top_k" in small and "sort" not in small
+
 # ----------------------------------------------------------------------------- tiled windows
 def windows_by_gather(q, k, v, a, idx):
     """The oracle: scores and aggregation over the listed windows by plain gathers."""
