@@ -242,6 +242,7 @@ def test_top_k_sorts_on_cpu_only_when_keeping_much_of_the_row():
     small = jax.jit(lambda x: A.top_k(x, 9)).lower(x).as_text()
     assert "top_k" in small and "sort" not in small
 
+
 # ----------------------------------------------------------------------------- tiled windows
 def windows_by_gather(q, k, v, a, idx):
     """The oracle: scores and aggregation over the listed windows by plain gathers."""
