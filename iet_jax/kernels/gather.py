@@ -78,7 +78,10 @@ PRIMITIVES = {
     "pallas_deterministic": (pallas_gather.qk, pallas_gather.av,
                              pallas_gather.scatter_deterministic),
 }
-_SHARD_MAPPED = ("pallas", "pallas_deterministic")  # a pallas_call must sit in a shard_map
+# Every implementation runs per device in a shard_map over the batch axes: a pallas_call must
+# sit in one, and the XLA path, left to XLA's partitioner, gathered every (batch x head) row
+# onto every device (all-gathers of q, k, v in a data-parallel step: replicated work).
+_SHARD_MAPPED = ("xla", "pallas", "pallas_deterministic")
 
 
 def _batch_spec(impl: str, x: jax.Array) -> PartitionSpec | None:
