@@ -405,3 +405,9 @@ def test_small_images_skip_without_recorded_sizes():
     again, _ = batches(small_images="skip")
     for a, b in zip(first, again):
         assert (a == b).all()
+    # Read by worker processes: the same batches, and the images they found are counted here.
+    in_workers, loader = batches(small_images="skip", num_workers=2)
+    loader.close()
+    for a, b in zip(first, in_workers):
+        assert (a == b).all()
+    assert sorted(loader.skipped_names) == ["small0", "small1"] and loader.num_skipped == 2

@@ -32,6 +32,10 @@ SMALL_IMAGES = ("error", "skip")
 _PERM_TAG = 0x5EED_0001
 _SAMPLE_TAG = 0x5EED_0002
 _LAST_STEP = 1 << 40  # the pipeline's end: never reached
+# A per-row field of the pipeline's batches, taken out before they are handed on: how many
+# images smaller than the patch the row passed over, so that the main process counts the
+# ones found in worker processes too.
+PASSED = "small_images_passed"
 
 
 class SmallImageError(ValueError):
@@ -126,8 +130,14 @@ class PatchSampler:
 
     def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Global sample ``k``: (LR patch, HR patch), uint8."""
+        lr_p, hr_p, _ = self.patch(k)
+        return lr_p, hr_p
+
+    def patch(self, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(LR patch, HR patch, how many images smaller than the patch were passed over to
+        reach one large enough) of global sample ``k``."""
         epoch, r = divmod(int(k), self.num_examples)
-        hr, lr = self._large_enough(self._permutation(epoch), r)
+        hr, lr, passed = self._large_enough(self._permutation(epoch), r)
         rng = np.random.default_rng([self.seed, _SAMPLE_TAG, int(k)])
         p, s = self.patch_size, self.scale
         h, w = lr.shape[:2]
@@ -137,12 +147,12 @@ class PatchSampler:
         hr_p = hr[y * s:(y + p) * s, x * s:(x + p) * s]
         if self.augment:
             hflip, vflip, rot = (bool(b) for b in rng.random(3) < 0.5)
-            return _augment(lr_p, hflip, vflip, rot), _augment(hr_p, hflip, vflip, rot)
-        return np.ascontiguousarray(lr_p), np.ascontiguousarray(hr_p)
+            return _augment(lr_p, hflip, vflip, rot), _augment(hr_p, hflip, vflip, rot), passed
+        return np.ascontiguousarray(lr_p), np.ascontiguousarray(hr_p), passed
 
-    def _large_enough(self, perm: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-        """(HR, LR) of image ``perm[r]``; with small_images='skip', of the first image from
-        there on (cyclically) that is not smaller than the patch."""
+    def _large_enough(self, perm: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(HR, LR, j) of image ``perm[r + j]``: with small_images='skip', the first image
+        from ``perm[r]`` on (cyclically) that is not smaller than the patch."""
         n = len(perm)
         for j in range(n):
             idx = int(self.indices[perm[(r + j) % n]])
@@ -153,14 +163,31 @@ class PatchSampler:
             except SmallImageError as e:
                 if self.small_images != "skip":
                     raise
-                with self._lock:
-                    if idx not in self.small:
-                        self.small.add(idx)
-                        self.small_names.append(getattr(e, "image_name", str(idx)))
+                self._add_small(idx, getattr(e, "image_name", str(idx)))
                 continue
-            return hr, lr
+            return hr, lr, j
         raise SmallImageError(f"every image is smaller than the LR patch "
                               f"{self.patch_size}x{self.patch_size}")
+
+
+    def _add_small(self, idx: int, name: str) -> None:
+        with self._lock:
+            if idx not in self.small:
+                self.small.add(idx)
+                self.small_names.append(name)
+
+    def note_passed(self, k: int, passed: int) -> None:
+        """Record the images that sample ``k`` passed over as smaller than the patch when
+        another process (a grain worker) made it: they are the ``passed`` images of the
+        epoch's permutation from sample k's own position on."""
+        epoch, r = divmod(int(k), self.num_examples)
+        perm = self._permutation(epoch)
+        for j in range(int(passed)):
+            idx = int(self.indices[perm[(r + j) % self.num_examples]])
+            if idx not in self.small:
+                names = self.source.names() if hasattr(self.source, "names") else None
+                name = names[idx] if names else self.source[idx].get("name", idx)
+                self._add_small(idx, printable(str(name)))
 
 
 class LocalSample:
@@ -181,9 +208,10 @@ class LocalSample:
                 + row)
 
     def __call__(self, j: int) -> dict:
-        lr_p, hr_p = self.sampler(self.sample_id(j))
+        lr_p, hr_p, passed = self.sampler.patch(self.sample_id(j))
         return {"lr": np.divide(lr_p, np.float32(255), dtype=np.float32),
-                "hr": np.divide(hr_p, np.float32(255), dtype=np.float32)}
+                "hr": np.divide(hr_p, np.float32(255), dtype=np.float32),
+                PASSED: np.int32(passed)}
 
 
 class PairedPatchLoader:
@@ -209,7 +237,7 @@ class PairedPatchLoader:
         records no image sizes shows such an image only when it is read: 'error' then raises
         ``SmallImageError``, 'skip' takes the next image of the epoch's permutation that is
         large enough instead (still a pure function of seed and sample index; counted when
-        read in this process, not in worker processes).
+        its batch is handed out, also when a worker process read it).
       num_workers: worker processes (grain's ``mp_prefetch``, started with spawn) that
         decode and crop whole batches; 0 (default): in this process. Worker ``i`` of ``W``
         makes the batches of steps ``i, i+W, ...`` and grain hands them out in step order,
@@ -308,7 +336,8 @@ class PairedPatchLoader:
 
     @property
     def skipped_names(self) -> list[str]:
-        """Images left out as smaller than the patch (found in this process)."""
+        """Images left out as smaller than the patch: those the source's sizes show, and
+        those found when read so far (here or in a worker process)."""
         return self._skipped_at_start + self.sampler.small_names
 
     @property
@@ -355,8 +384,14 @@ class PairedPatchLoader:
         except BaseException:
             self._close_iterator()  # a retry starts a new pipeline at the same step
             raise
+        self._note_passed(self._step, batch.pop(PASSED))
         self._step += 1
         return batch
+
+    def _note_passed(self, step: int, passed: np.ndarray) -> None:
+        for row in np.flatnonzero(passed):
+            self.sampler.note_passed(self._local.sample_id(step * self.local_batch_size + row),
+                                     passed[row])
 
     def batch(self, step: int) -> dict:
         """The local batch of ``step`` computed directly, in this process (does not move
