@@ -310,15 +310,12 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     on every platform.
 
     On CPU, when k is a large part of the row, it is a stable sort of order-preserving
-    integer keys instead (`_sorted_top_k`), chosen when the program is lowered. Not in
-    multi-process runs: there a training step with the sort, read back from the persistent
-    compilation cache, hung at its first step (`tests/test_multihost.py`; the cause is not
-    known), so they keep XLA's top-k. Either gives the same values and positions.
+    integer keys instead (`_sorted_top_k`), chosen when the program is lowered.
     """
     def xla_top_k(x):
         return tuple(jax.lax.top_k(x, k, is_stable=True))
 
-    if k < SORT_WHEN_KEEPING * x.shape[-1] or jax.process_count() > 1:
+    if k < SORT_WHEN_KEEPING * x.shape[-1]:
         return xla_top_k(x)
     return jax.lax.platform_dependent(x, cpu=functools.partial(_sorted_top_k, k=k),
                                       default=xla_top_k)
