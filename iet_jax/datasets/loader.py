@@ -169,7 +169,6 @@ class PatchSampler:
         raise SmallImageError(f"every image is smaller than the LR patch "
                               f"{self.patch_size}x{self.patch_size}")
 
-
     def _add_small(self, idx: int, name: str) -> None:
         with self._lock:
             if idx not in self.small:
@@ -182,10 +181,11 @@ class PatchSampler:
         epoch's permutation from sample k's own position on."""
         epoch, r = divmod(int(k), self.num_examples)
         perm = self._permutation(epoch)
-        for j in range(int(passed)):
-            idx = int(self.indices[perm[(r + j) % self.num_examples]])
-            if idx not in self.small:
-                names = self.source.names() if hasattr(self.source, "names") else None
+        new = [int(self.indices[perm[(r + j) % self.num_examples]]) for j in range(int(passed))]
+        new = [idx for idx in new if idx not in self.small]
+        if new:
+            names = self.source.names() if hasattr(self.source, "names") else None
+            for idx in new:  # without names, read the (small) image once for its name
                 name = names[idx] if names else self.source[idx].get("name", idx)
                 self._add_small(idx, printable(str(name)))
 
