@@ -354,7 +354,8 @@ class PairedPatchLoader:
         """The grain pipeline of this process's batches from step ``start_step`` on:
         positions ``j`` of the local sample stream, mapped by ``LocalSample``, batched by
         the local batch size, read ahead by threads and, with ``num_workers``, by worker
-        processes."""
+        processes. Its batches also hold the per-row count ``PASSED``, which ``__next__``
+        takes out."""
         import grain
 
         b = self.local_batch_size
