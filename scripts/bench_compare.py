@@ -8,7 +8,8 @@ training steps of the official networks (random weights), the same work on both 
 The baseline commit is unpacked (`git archive`) into a temporary folder. Each side runs in a
 worker process of its own, with its own tree on `sys.path`, that builds and compiles every
 case first; then the driver times the cases in rounds, baseline and current back to back for
-each case, so a machine that gets busier slows both alike. A worker only reports seconds; the
+each case (which goes first alternates from round to round), so a machine that gets busier
+slows both alike. A worker only reports seconds; the
 driver keeps the table. Forward cases are MODEL:LR_SIDE (batch 1, float32, eval settings);
 training cases MODEL:LR_PATCH:BATCH (float32, the recipe's optimizer, remat off).
 
@@ -166,9 +167,10 @@ def main() -> None:
         first = {(s.name, c): s.ask(do="prepare", kind=c[0], spec=c[1])["first_s"]
                  for c in cases for s in sides}
         runs = {key: [] for key in first}
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             for i, case in enumerate(cases):
-                for side in sides:
+                # The side that runs second alternates, so neither always follows the other.
+                for side in (sides if r % 2 == 0 else sides[::-1]):
                     runs[(side.name, case)].append(side.ask(do="run", case=i)["s"])
         for side in sides:
             side.close()
