@@ -153,9 +153,8 @@ class PatchSampler:
     def _large_enough(self, perm: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(HR, LR, j) of image ``perm[r + j]``: with small_images='skip', the first image
         from ``perm[r]`` on (cyclically) that is not smaller than the patch."""
-        n = len(perm)
-        for j in range(n):
-            idx = int(self.indices[perm[(r + j) % n]])
+        for j in range(self.num_examples):
+            idx = self._image_at(perm, r + j)
             if idx in self.small:
                 continue
             try:
@@ -169,6 +168,11 @@ class PatchSampler:
         raise SmallImageError(f"every image is smaller than the LR patch "
                               f"{self.patch_size}x{self.patch_size}")
 
+    def _image_at(self, perm: np.ndarray, position: int) -> int:
+        """The source index of the image at ``position`` (cyclically) of an epoch's order:
+        the one rule `_large_enough` walks by and `note_passed` walks again."""
+        return int(self.indices[perm[position % self.num_examples]])
+
     def _add_small(self, idx: int, name: str) -> None:
         with self._lock:
             if idx not in self.small:
@@ -181,8 +185,8 @@ class PatchSampler:
         epoch's permutation from sample k's own position on."""
         epoch, r = divmod(int(k), self.num_examples)
         perm = self._permutation(epoch)
-        new = [int(self.indices[perm[(r + j) % self.num_examples]]) for j in range(int(passed))]
-        new = [idx for idx in new if idx not in self.small]
+        new = [idx for idx in (self._image_at(perm, r + j) for j in range(int(passed)))
+               if idx not in self.small]
         if new:
             names = self.source.names() if hasattr(self.source, "names") else None
             for idx in new:  # without names, read the (small) image once for its name
