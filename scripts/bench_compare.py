@@ -9,9 +9,9 @@ The baseline commit is unpacked (`git archive`) into a temporary folder. Each si
 worker process of its own, with its own tree on `sys.path`, that builds and compiles every
 case first; then the driver times the cases in rounds, baseline and current back to back for
 each case (which goes first alternates from round to round), so a machine that gets busier
-slows both alike. A worker only reports seconds; the
-driver keeps the table. Forward cases are MODEL:LR_SIDE (batch 1, float32, eval settings);
-training cases MODEL:LR_PATCH:BATCH (float32, the recipe's optimizer, remat off).
+slows both alike. A worker only reports seconds; the driver keeps the table. Forward cases
+are MODEL:LR_SIDE (batch 1, float32, eval settings); training cases MODEL:LR_PATCH:BATCH
+(float32, the recipe's optimizer, remat off).
 
 The worker adapts to the two package layouts this project has had: before the restructuring
 (`iet_jax.config`, `iet_jax.checkpoint.dtype_fields`) and after it (`iet_jax.model.config`,
