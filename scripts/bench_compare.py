@@ -12,9 +12,8 @@ each case (which goes first alternates from round to round), so a machine that g
 slows both alike. The table gives each side's median and fastest run (on a shared machine
 the fastest is the least disturbed). A worker only reports seconds; the driver keeps the
 table. The current side is the working tree, labelled `+changes` when it differs from HEAD.
-Forward cases
-are MODEL:LR_SIDE (batch 1, float32, eval settings); training cases MODEL:LR_PATCH:BATCH
-(float32, the recipe's optimizer, remat off).
+Forward cases are MODEL:LR_SIDE (batch 1, float32, eval settings); training cases
+MODEL:LR_PATCH:BATCH (float32, the recipe's optimizer, remat off).
 
 The worker adapts to the two package layouts this project has had: before the restructuring
 (`iet_jax.config`, `iet_jax.checkpoint.dtype_fields`) and after it (`iet_jax.model.config`,

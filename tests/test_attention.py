@@ -220,6 +220,8 @@ def test_sorted_top_k_equals_lax_top_k(dtype):
         x = jnp.asarray(x, dtype)
         for k in (1, 7, 23, 40):
             want, got = jax.lax.top_k(x, k, is_stable=True), A._sorted_top_k(x, k)
+            # The packed keys' wider integers stay inside: x's dtype and int32 come out.
+            assert (got[0].dtype, got[1].dtype) == (x.dtype, jnp.int32)
             np.testing.assert_array_equal(got[1], want[1])
             bits = f"uint{8 * x.dtype.itemsize}"
             np.testing.assert_array_equal(np.asarray(got[0]).view(bits),
