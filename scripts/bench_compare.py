@@ -182,18 +182,20 @@ def main() -> None:
 
     rows = []
     for kind, spec in cases:
-        base, now = (statistics.median(runs[(s.name, (kind, spec))]) for s in sides)
+        base_runs, now_runs = (runs[(s.name, (kind, spec))] for s in sides)
+        base_first, now_first = (first[(s.name, (kind, spec))] for s in sides)
+        base, now = statistics.median(base_runs), statistics.median(now_runs)
         # The fastest run of each side: on a shared machine whose speed drifts, the least
         # disturbed estimate, reported next to the medians.
-        base_best, now_best = (min(runs[(s.name, (kind, spec))]) for s in sides)
+        base_best, now_best = min(base_runs), min(now_runs)
         rows.append(dict(kind=kind, case=spec, baseline_s=round(base, 3),
                          current_s=round(now, 3), speedup=round(base / now, 2),
                          baseline_best_s=round(base_best, 3), current_best_s=round(now_best, 3),
                          best_speedup=round(base_best / now_best, 2),
-                         baseline_runs=[round(t, 3) for t in runs[(sides[0].name, (kind, spec))]],
-                         current_runs=[round(t, 3) for t in runs[(sides[1].name, (kind, spec))]],
-                         baseline_first_s=round(first[(sides[0].name, (kind, spec))], 2),
-                         current_first_s=round(first[(sides[1].name, (kind, spec))], 2)))
+                         baseline_runs=[round(t, 3) for t in base_runs],
+                         current_runs=[round(t, 3) for t in now_runs],
+                         baseline_first_s=round(base_first, 2),
+                         current_first_s=round(now_first, 2)))
     benchmarking.print_table(rows, [("kind", "kind"), ("case", "case"),
                                     ("baseline_s", f"{commit} s"), ("current_s", f"{current} s"),
                                     ("speedup", "speed-up"), ("baseline_best_s", f"{commit} best"),
