@@ -1,8 +1,8 @@
 """Shared pytest set-up: tests marked `gpu` run only where JAX sees a GPU, JAX's persistent
-compilation cache lives in a temporary folder for the session, for the tests and for the
-commands they start (a run compiles the same train step again when a test reruns or resumes
-it), and the `tiny_checkpoint` fixture. Shared helper
-code is in `tiny.py` (models, stand-ins, images), `pth_writer.py` and `seeded_weights.py`."""
+compilation cache and the native kernels' build live in a temporary folder for the session,
+for the tests and for the commands they start (a run compiles the same train step again when
+a test reruns or resumes it), and the `tiny_checkpoint` fixture. Shared helper code is in
+`tiny.py` (models, stand-ins, images), `pth_writer.py` and `seeded_weights.py`."""
 
 import os
 import shutil
@@ -19,8 +19,10 @@ def pytest_configure(config):
     _CACHE_DIR = tempfile.mkdtemp(prefix="iet-jax-test-jit-cache-")
     jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    # Commands the tests start in subprocesses use the same session folder, not ~/.cache.
+    # Commands the tests start in subprocesses use the same session folder, not ~/.cache;
+    # so do the native CPU kernels (`iet_jax.kernels.native`), built there once per session.
     os.environ["IET_JAX_COMPILE_CACHE"] = _CACHE_DIR
+    os.environ["IET_JAX_CACHE"] = os.path.join(_CACHE_DIR, "native")
 
 
 def pytest_unconfigure(config):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from iet_jax.kernels import native
 from iet_jax.model import attention as A
 from iet_jax.model import config as C
 
@@ -67,21 +68,52 @@ def test_initial_candidates_duplicates_and_interior():
     assert init.duplicate.any() and not init.duplicate.all()
 
 
+def require_native():
+    """Skip where no C++ compiler exists; with one, the kernels must build."""
+    try:
+        native.compiler()
+    except native.NativeBuildError as error:
+        pytest.skip(str(error))
+    assert native.available(), "a C++ compiler is here but the native kernels did not build"
+
+
 def reference_merge(idx_row, extra_row, size):
     """The official merge on one list: sorted unique values (-1 included), first `size`."""
     values = sorted(set(idx_row.tolist()) | set(extra_row.tolist()))[:size]
     return values + [-1] * (size - len(values))
 
 
-def test_merge_by_index_deduplicates_and_keeps_one_leading_empty_slot():
+@pytest.mark.parametrize("merge", ["merge_by_index", "_xla_merge_by_index"])
+def test_merge_by_index_deduplicates_and_keeps_one_leading_empty_slot(merge):
+    """The CPU's native merge (what `merge_by_index` runs here) and the XLA merge of every
+    other platform against the official rule, on rows of more than one thread's share."""
     rng = np.random.default_rng(0)
-    idx = rng.integers(-1, 30, (3, 2, 5, 12)).astype(np.int32)
-    extra = rng.integers(0, 30, (3, 2, 5, 20)).astype(np.int32)
+    idx = rng.integers(-1, 30, (3, 2, 50, 12)).astype(np.int32)
+    extra = rng.integers(0, 30, (3, 2, 50, 20)).astype(np.int32)
     idx[0, 0, 0] = -1  # a list that is all empty slots
+    idx[0, 0, 1], extra[0, 0, 1] = 7, 7  # a list of one token
     for size in (8, 15, 40):  # 40 > the 32 merged entries: padded with -1
-        got = np.asarray(A.merge_by_index(jnp.asarray(idx), jnp.asarray(extra), size))
+        if merge == "merge_by_index":
+            got = A.merge_by_index(jnp.asarray(idx), jnp.asarray(extra), size, tokens=30)
+        else:
+            got = A._xla_merge_by_index(jnp.asarray(idx), jnp.asarray(extra), size)
+        got = np.asarray(got)
         for pos in np.ndindex(idx.shape[:-1]):
             assert got[pos].tolist() == reference_merge(idx[pos], extra[pos], size), pos
+
+
+def test_native_merge_sorts_when_the_token_range_is_wide_and_refuses_entries_outside_it():
+    """Past a few words of bitmap per entry the kernel sorts instead; same answer. An entry
+    outside [-1, tokens) is an error, not a write outside the bitmap."""
+    require_native()
+    rng = np.random.default_rng(3)
+    idx = rng.integers(-1, 1 << 20, (300, 6)).astype(np.int32)
+    extra = rng.choice(idx.ravel(), (300, 9)).astype(np.int32)  # duplicates across lists
+    got = np.asarray(native.merge(jnp.asarray(idx), jnp.asarray(extra), 10, tokens=1 << 20))
+    for row in range(300):
+        assert got[row].tolist() == reference_merge(idx[row], extra[row], 10), row
+    with pytest.raises(Exception, match=r"outside \[-1, tokens\)"):
+        native.merge(jnp.asarray(idx), jnp.asarray(extra), 10, tokens=100).block_until_ready()
 
 
 def test_merge_by_rank_keeps_first_occurrence_order():
@@ -214,18 +246,10 @@ def test_sorted_top_k_equals_lax_top_k(dtype):
     the key with a position alongside."""
     rng = np.random.default_rng(7)
     with jax.enable_x64(dtype == "float64"):
-        x = rng.choice(np.array([0.25, -0.5, 0.0, -0.0, 1.0, np.inf, -np.inf, np.nan,
-                                 -np.nan, 3.0]), size=(3, 5, 40))
-        x = np.where(rng.random(x.shape) < 0.5, rng.standard_normal(x.shape), x)
-        x = jnp.asarray(x, dtype)
+        x = special_rows(rng, (3, 5, 40), dtype)
         for k in (1, 7, 23, 40):
-            want, got = jax.lax.top_k(x, k, is_stable=True), A._sorted_top_k(x, k)
             # The packed keys' wider integers stay inside: x's dtype and int32 come out.
-            assert (got[0].dtype, got[1].dtype) == (x.dtype, jnp.int32)
-            np.testing.assert_array_equal(got[1], want[1])
-            bits = f"uint{8 * x.dtype.itemsize}"
-            np.testing.assert_array_equal(np.asarray(got[0]).view(bits),
-                                          np.asarray(want[0]).view(bits))
+            assert_same_top_k(A._sorted_top_k(x, k), jax.lax.top_k(x, k, is_stable=True))
         # Rows too long for int16 positions (float64 keys carry int32 ones).
         long = jnp.asarray(rng.integers(0, 50, (2, 33000)), dtype)
         np.testing.assert_array_equal(A._sorted_top_k(long, 6000)[1],
@@ -238,12 +262,58 @@ def test_sorted_top_k_equals_lax_top_k(dtype):
         np.testing.assert_array_equal(grads[1], grads[0])
 
 
-def test_top_k_sorts_on_cpu_only_when_keeping_much_of_the_row():
-    """`top_k` lowers to a sort on CPU when k >= n / 12 and to XLA's top-k otherwise."""
+def special_rows(rng, shape, dtype):
+    """Rows full of ties, signed zeros, infinities and NaNs of either sign, and normals."""
+    x = rng.choice(np.array([0.25, -0.5, 0.0, -0.0, 1.0, np.inf, -np.inf, np.nan, -np.nan,
+                             3.0]), size=shape)
+    return jnp.asarray(np.where(rng.random(shape) < 0.5, rng.standard_normal(shape), x), dtype)
+
+
+def assert_same_top_k(got, want):
+    assert (got[0].dtype, got[1].dtype) == (want[0].dtype, jnp.int32)
+    np.testing.assert_array_equal(got[1], want[1])
+    bits = f"uint{8 * want[0].dtype.itemsize}"
+    np.testing.assert_array_equal(np.asarray(got[0]).view(bits), np.asarray(want[0]).view(bits))
+
+
+def test_native_top_k_equals_lax_top_k():
+    """The native CPU kernel (what `top_k` runs on float32 here) against jax.lax.top_k
+    (is_stable=True): the same values (bitwise) and positions on rows of special values, on
+    rows where the k-th value is tied across the cut, on long rows, over more rows than one
+    thread's share, under vmap; and the same gradient."""
+    require_native()
+    rng = np.random.default_rng(11)
+    cases = [special_rows(rng, (3, 5, 40), jnp.float32),
+             special_rows(rng, (700, 40), jnp.float32),  # several threads' shares
+             jnp.asarray(rng.integers(0, 3, (300, 50)), jnp.float32)]  # ties at every cut
+    for x in cases:
+        for k in (1, 2, 7, 23, 40):
+            assert_same_top_k(jax.jit(A.top_k, static_argnums=1)(x, k),
+                              jax.lax.top_k(x, k, is_stable=True))
+    assert "iet_top_k_f32" in jax.jit(lambda x: A.top_k(x, 3)).lower(cases[0]).as_text()
+    long = jnp.asarray(rng.random((2, 33000)), jnp.float32)
+    assert_same_top_k(A.top_k(long, 6000), jax.lax.top_k(long, 6000, is_stable=True))
+    batched = jax.vmap(lambda row: A.top_k(row, 9))(cases[1])
+    assert_same_top_k(batched, jax.lax.top_k(cases[1], 9, is_stable=True))
+    finite = jnp.asarray(rng.standard_normal((2, 30)), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((2, 12)), jnp.float32)
+    grads = [jax.grad(lambda x, f=f: jnp.sum(f(x, 12)[0] * weights))(finite)
+             for f in (lambda x, k: jax.lax.top_k(x, k, is_stable=True), A.top_k)]
+    np.testing.assert_array_equal(grads[1], grads[0])
+
+
+def test_top_k_without_native_sorts_on_cpu_only_when_keeping_much_of_the_row():
+    """Without the kernels (`native.disabled`, or where none built), `top_k` lowers to a sort
+    on CPU when k >= n / 12 and to XLA's top-k otherwise; merges are XLA sorts."""
     x = jnp.zeros((4, 60))
-    assert "sort" in jax.jit(lambda x: A.top_k(x, 5)).lower(x).as_text()
-    small = jax.jit(lambda x: A.top_k(x, 4)).lower(x).as_text()
-    assert "top_k" in small and "sort" not in small
+    with native.disabled():
+        assert not native.available()
+        assert "sort" in jax.jit(lambda x: A.top_k(x, 5)).lower(x).as_text()
+        small = jax.jit(lambda x: A.top_k(x, 4)).lower(x).as_text()
+        assert "top_k" in small and "sort" not in small and "iet_" not in small
+        lists = jnp.zeros((4, 6), jnp.int32)
+        merged = jax.jit(lambda a: A.merge_by_index(a, a, 8, tokens=9)).lower(lists).as_text()
+        assert "sort" in merged and "iet_" not in merged
 
 
 # ----------------------------------------------------------------------------- tiled windows

@@ -45,6 +45,7 @@ from iet_jax.conventions.text import shown
 from iet_jax.evaluation import inference
 from iet_jax.evaluation.pictures import file_in_the_way
 from iet_jax.io import files
+from iet_jax.kernels import native
 from iet_jax.model.network import IET, abstract_model, count_parameters
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export can lower for
@@ -93,25 +94,27 @@ def lower(forward, arg, platforms, strict: bool = False):
 
     All platforms are lowered together; when that fails each is tried alone. A platform of
     `REQUIRED_PLATFORMS` that does not lower, or with `strict` any, raises ValueError.
+    The native CPU kernels stay out (`native.disabled`): the artifact must run without them.
     """
     platforms = check_platforms(platforms)
-    try:
-        return jax.export.export(forward, platforms=platforms)(arg), {}
-    except Exception:  # noqa: BLE001 - which platform failed is found below
-        pass
-    failed = {}
-    for platform in platforms:
+    with native.disabled():
         try:
-            jax.export.export(forward, platforms=(platform,))(arg)
-        except Exception as e:  # noqa: BLE001 - lowering rules raise many kinds
-            failed[platform] = _first_line(e)
-    fatal = [p for p in failed if strict or p in REQUIRED_PLATFORMS]
-    if fatal:
-        p = fatal[0]
-        raise ValueError(f"the model does not lower for {p} ({shown(failed[p])})"
-                         + ("" if p in REQUIRED_PLATFORMS else f"; leave {p} out of --platforms"))
-    kept = tuple(p for p in platforms if p not in failed)
-    return jax.export.export(forward, platforms=kept)(arg), failed
+            return jax.export.export(forward, platforms=platforms)(arg), {}
+        except Exception:  # noqa: BLE001 - which platform failed is found below
+            pass
+        failed = {}
+        for platform in platforms:
+            try:
+                jax.export.export(forward, platforms=(platform,))(arg)
+            except Exception as e:  # noqa: BLE001 - lowering rules raise many kinds
+                failed[platform] = _first_line(e)
+        fatal = [p for p in failed if strict or p in REQUIRED_PLATFORMS]
+        if fatal:
+            p = fatal[0]
+            hint = "" if p in REQUIRED_PLATFORMS else f"; leave {p} out of --platforms"
+            raise ValueError(f"the model does not lower for {p} ({shown(failed[p])}){hint}")
+        kept = tuple(p for p in platforms if p not in failed)
+        return jax.export.export(forward, platforms=kept)(arg), failed
 
 
 def export_model(model: IET, tile: int, batch: int | None = None,

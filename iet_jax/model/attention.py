@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iet_jax.kernels import gather
+from iet_jax.kernels import gather, native
 from iet_jax.model import tiled
 from iet_jax.model.windows import neighbourhood
 
@@ -296,12 +296,12 @@ def attend(
 
 # ----------------------------------------------------------------------------- top-k
 
-# On CPU one sort of the whole row is cheaper than `jax.lax.top_k` once k is at least this
-# fraction of the row: XLA's CPU top-k keeps a partial order through an indirect comparator,
-# at a cost that grows with k; its sort compares integer keys directly. Measured on the 2-core
-# CPU machine, 33750 rows: 914 -> 225 in 0.44 s against 1.15 s, 225 -> 22 0.088 s against
-# 0.100 s, 125 -> 14 0.044 s against 0.053 s; but 914 -> 64 0.43 s against 0.44 s and
-# 225 -> 8 0.085 s against 0.042 s.
+# Without the native kernels (`iet_jax.kernels.native`), one sort of the whole row is cheaper
+# on CPU than `jax.lax.top_k` once k is at least this fraction of the row: XLA's CPU top-k
+# keeps a partial order through an indirect comparator, at a cost that grows with k; its sort
+# compares integer keys directly. Measured on the 2-core CPU machine, 33750 rows: 914 -> 225
+# in 0.44 s against 1.15 s, 225 -> 22 0.088 s against 0.100 s, 125 -> 14 0.044 s against
+# 0.053 s; but 914 -> 64 0.43 s against 0.44 s and 225 -> 8 0.085 s against 0.042 s.
 SORT_WHEN_KEEPING = 1 / 12
 
 
@@ -310,16 +310,25 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     equal values in position order (the official tie rule); the same values and positions
     on every platform.
 
-    On CPU, when k is a large enough part of the row, it is one sort of integer keys
-    instead (`_sorted_top_k`), chosen when the program is lowered.
+    On CPU a float32 x goes to the native kernel where it is built (`native.available`);
+    otherwise, when k is a large enough part of the row, to one sort of integer keys
+    (`_sorted_top_k`). The CPU branch is chosen when the program is lowered.
     """
     def xla_top_k(x):
         return tuple(jax.lax.top_k(x, k, is_stable=True))
 
-    if k < SORT_WHEN_KEEPING * x.shape[-1]:
+    if x.dtype == jnp.float32 and native.available():
+        cpu = functools.partial(_native_top_k, k=k)
+    elif k >= SORT_WHEN_KEEPING * x.shape[-1]:
+        cpu = functools.partial(_sorted_top_k, k=k)
+    else:
         return xla_top_k(x)
-    return jax.lax.platform_dependent(x, cpu=functools.partial(_sorted_top_k, k=k),
-                                      default=xla_top_k)
+    return jax.lax.platform_dependent(x, cpu=cpu, default=xla_top_k)
+
+
+def _native_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    position = native.top_k_positions(x, k)
+    return jnp.take_along_axis(x, position, axis=-1), position
 
 
 def _order_preserving_bits(x: jax.Array) -> jax.Array:
@@ -367,12 +376,22 @@ def _per_head_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
     return jax.vmap(jax.vmap(lambda t, r: t[r]))(table, rows)
 
 
-def merge_by_index(idx: jax.Array, extra: jax.Array, size: int) -> jax.Array:
-    """Union of two lists, de-duplicated, ascending by token index, cut to `size`, -1 padded.
+def merge_by_index(idx: jax.Array, extra: jax.Array, size: int, tokens: int) -> jax.Array:
+    """Union of two lists of token indices in [-1, tokens), de-duplicated, ascending by token
+    index, cut to `size`, -1 padded.
 
     This reproduces the official merge exactly, including that an empty slot (-1) in either
-    list survives once, at the front.
+    list survives once, at the front. On CPU it is the native kernel where that is built.
     """
+    if not native.available():
+        return _xla_merge_by_index(idx, extra, size)
+    return jax.lax.platform_dependent(
+        idx, extra, cpu=functools.partial(native.merge, size=size, tokens=tokens),
+        default=functools.partial(_xla_merge_by_index, size=size))
+
+
+def _xla_merge_by_index(idx: jax.Array, extra: jax.Array, size: int) -> jax.Array:
+    """`merge_by_index` as two XLA sorts: every platform's path, and the native kernel's oracle."""
     merged = jnp.sort(jnp.concatenate([idx, extra], axis=-1), axis=-1)
     first = jnp.concatenate(
         [jnp.ones_like(merged[..., :1], bool), merged[..., 1:] != merged[..., :-1]], axis=-1
@@ -422,7 +441,7 @@ def propagate(
     extra = hop2.reshape(hop2.shape[:-2] + (k1 * k2,))
     size = idx.shape[-1] + k_add
     if merge == "index":
-        return merge_by_index(idx, extra, size)
+        return merge_by_index(idx, extra, size, tokens=idx.shape[-2])
     if merge == "rank":
         return merge_by_rank(idx, extra, size)
     raise ValueError(f"merge must be 'index' (official) or 'rank', got {merge!r}")
