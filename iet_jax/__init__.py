@@ -17,14 +17,15 @@ The package is a house of rooms, one concern each, behind eight front doors:
                   the training-patch loader
     model/        the model config, the network, the attention (and its initial windows as tiled
                   matrix products), the FLOPs count
-    kernels/      the gather dispatch with its custom_vjp, the XLA reference, the Pallas kernels
+    kernels/      the gather dispatch with its custom_vjp, the XLA reference, the Pallas kernels,
+                  the native CPU top-k and merge
     conventions/  MATLAB bicubic, the field's PSNR/SSIM, quoting outside text in messages
 
 Imports point one way (checked by tests/test_imports.py, which reads every module's imports):
 
     front doors -> any room; nothing imports a front door
     training    -> model, kernels, datasets, io, conventions
-    evaluation  -> model, io, conventions, datasets.catalog, datasets.images
+    evaluation  -> model, kernels, io, conventions, datasets.catalog, datasets.images
     io          -> model, conventions
     model       -> kernels
     datasets    -> conventions

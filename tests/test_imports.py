@@ -19,7 +19,8 @@ FRONT_DOORS = {"iet_jax.train", "iet_jax.evaluate", "iet_jax.upscale", "iet_jax.
 # room -> what it may import besides itself (rooms, or single modules of a room)
 MAY_IMPORT = {
     "training": {"model", "kernels", "datasets", "io", "conventions"},
-    "evaluation": {"model", "io", "conventions", "datasets.catalog", "datasets.images"},
+    "evaluation": {"model", "kernels", "io", "conventions", "datasets.catalog",
+                   "datasets.images"},
     "io": {"model", "conventions"},
     "model": {"kernels"},
     "datasets": {"conventions"},
