@@ -1,8 +1,9 @@
 """Shared pytest set-up: tests marked `gpu` run only where JAX sees a GPU, JAX's persistent
 compilation cache and the native kernels' build live in a temporary folder for the session,
 for the tests and for the commands they start (a run compiles the same train step again when
-a test reruns or resumes it), and the `tiny_checkpoint` fixture. Shared helper code is in
-`tiny.py` (models, stand-ins, images), `pth_writer.py` and `seeded_weights.py`."""
+a test reruns or resumes it), and the `tiny_checkpoint` and `native_kernels` fixtures. Shared
+helper code is in `tiny.py` (models, stand-ins, images), `gather_cases.py`, `pth_writer.py`
+and `seeded_weights.py`."""
 
 import os
 import shutil
@@ -46,3 +47,16 @@ def pytest_runtest_setup(item):
     # (tests that simulate several CPU devices configure them before first use).
     if "gpu" in item.keywords and jax.default_backend() != "gpu":
         pytest.skip("needs a GPU (jax.default_backend() is not 'gpu')")
+
+
+@pytest.fixture
+def native_kernels():
+    """The native CPU kernels, built: skips where no C++ compiler exists; with one, they must
+    build (a failure is a test failure, not a skip)."""
+    from iet_jax.kernels import native
+
+    try:
+        native.compiler()
+    except native.NativeBuildError as error:
+        pytest.skip(str(error))
+    assert native.available(), "a C++ compiler is here but the native kernels did not build"

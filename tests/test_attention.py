@@ -68,15 +68,6 @@ def test_initial_candidates_duplicates_and_interior():
     assert init.duplicate.any() and not init.duplicate.all()
 
 
-def require_native():
-    """Skip where no C++ compiler exists; with one, the kernels must build."""
-    try:
-        native.compiler()
-    except native.NativeBuildError as error:
-        pytest.skip(str(error))
-    assert native.available(), "a C++ compiler is here but the native kernels did not build"
-
-
 def reference_merge(idx_row, extra_row, size):
     """The official merge on one list: sorted unique values (-1 included), first `size`."""
     values = sorted(set(idx_row.tolist()) | set(extra_row.tolist()))[:size]
@@ -102,10 +93,10 @@ def test_merge_by_index_deduplicates_and_keeps_one_leading_empty_slot(merge):
             assert got[pos].tolist() == reference_merge(idx[pos], extra[pos], size), pos
 
 
-def test_native_merge_sorts_when_the_token_range_is_wide_and_refuses_entries_outside_it():
+def test_native_merge_sorts_when_the_token_range_is_wide_and_refuses_entries_outside_it(
+        native_kernels):
     """Past a few words of bitmap per entry the kernel sorts instead; same answer. An entry
     outside [-1, tokens) is an error, not a write outside the bitmap."""
-    require_native()
     rng = np.random.default_rng(3)
     idx = rng.integers(-1, 1 << 20, (300, 6)).astype(np.int32)
     extra = rng.choice(idx.ravel(), (300, 9)).astype(np.int32)  # duplicates across lists
@@ -276,12 +267,11 @@ def assert_same_top_k(got, want):
     np.testing.assert_array_equal(np.asarray(got[0]).view(bits), np.asarray(want[0]).view(bits))
 
 
-def test_native_top_k_equals_lax_top_k():
+def test_native_top_k_equals_lax_top_k(native_kernels):
     """The native CPU kernel (what `top_k` runs on float32 here) against jax.lax.top_k
     (is_stable=True): the same values (bitwise) and positions on rows of special values, on
     rows where the k-th value is tied across the cut, on long rows, over more rows than one
     thread's share, under vmap; and the same gradient."""
-    require_native()
     rng = np.random.default_rng(11)
     cases = [special_rows(rng, (3, 5, 40), jnp.float32),
              special_rows(rng, (700, 40), jnp.float32),  # several threads' shares

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iet_jax.kernels import gather, reference
+from iet_jax.kernels import gather, native, reference
 from iet_jax.kernels import pallas_gather as pg
+from gather_cases import attention_loss, close, lists
 from tiny import tiny_model_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -25,23 +26,6 @@ H, N, K, D = 3, 37, 13, 10
 # reference only by summation order; bfloat16 inputs are upcast exactly and accumulated in
 # float32 by both implementations, so they meet the float32 tolerance.
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-5, jnp.float64: 1e-12}
-
-
-def lists(rng, shape, n):
-    """Random candidate lists with empty slots and repeated entries (twice in one list too)."""
-    idx = rng.integers(-1, n, shape).astype(np.int32)
-    idx[..., 1] = idx[..., 0]  # a token twice within a list
-    idx[..., 2] = -1  # an empty slot in every list
-    idx[..., 0, :] = 5  # one list that names a single token K times
-    idx[..., 1, :] = -1  # one list that is all empty
-    return jnp.asarray(idx)
-
-
-def close(got, want, tol):
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape
-    scale = max(np.abs(want).max(), 1.0)
-    np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale)
 
 
 def inputs(dtype, seed=0):
@@ -65,16 +49,6 @@ def test_primitives_match_xla(dtype):
             assert got.dtype == want.dtype == pg.accumulation_dtype(dtype), name
             close(got, want, RTOL[dtype])
         assert not np.asarray(pg.qk(x, y, idx))[np.asarray(idx) < 0].any()
-
-
-def attention_loss(q, k, v, idx, impl, deterministic):
-    """A scalar through both ops and both their backward primitives."""
-    s = gather.gather_qk(q, k, idx, impl, deterministic)
-    a = jax.nn.softmax(s.astype(jnp.float32), axis=-1)
-    a = jnp.where(idx < 0, 0, a)  # all-empty lists give NaN rows; drop them
-    out = gather.gather_av(a, v, idx, impl, deterministic)
-    finite = jnp.where(idx < 0, 0, s)
-    return jnp.sum(out.astype(jnp.float32) ** 2) + 0.1 * jnp.sum(jnp.sin(finite))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -169,7 +143,8 @@ def test_tiny_model_training_step_pallas_matches_xla(monkeypatch):
 
 
 def test_auto_resolution_and_names():
-    assert gather.resolve("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    cpu = "native" if native.available() else "xla"
+    assert gather.resolve("auto") == ("pallas" if jax.default_backend() == "gpu" else cpu)
     assert gather.resolve("pallas") == "pallas"
     assert gather.resolve("pallas", deterministic=True) == "pallas_deterministic"
     with pytest.raises(ValueError, match="not one of"):

@@ -22,12 +22,13 @@ so the backward never differentiates through a gather (autodiff of the XLA gathe
 the gathered (N, K, d) blocks of every layer alive, tens of GB for one training step).
 
 Implementations (`impl`): "xla" (take_along_axis + einsum in `iet_jax.kernels.reference`:
-the CPU/TPU path and the tests' oracle), "pallas" (Triton kernels of
+the TPU path and the tests' oracle), "native" (C++ kernels of `iet_jax.kernels.native` for
+float32 on CPU, the reference for other dtypes), "pallas" (Triton kernels of
 `iet_jax.kernels.pallas_gather`; interpreted on a CPU, which is how the tests run them) and
-"auto" (pallas on GPU, xla elsewhere). `PRIMITIVES` maps each to its three primitives.
-`deterministic=True` selects a backward whose scatter sums in a fixed order (same bits every
-run) instead of atomic adds; it matters only for pallas on GPU (the XLA scatter on CPU is
-sequential already).
+"auto" (pallas on GPU, native on CPU where it is built, xla elsewhere). `PRIMITIVES` maps each
+to its three primitives. `deterministic=True` selects a backward whose scatter sums in a fixed
+order (same bits every run) instead of atomic adds; it matters only for pallas on GPU (the
+CPU scatters are sequential already).
 
 Under a mesh (`jax.set_mesh`) the Pallas primitives run inside `jax.shard_map`, split along
 the leading (batch) axis over the mesh axes named in `BATCH_AXES`.
@@ -45,9 +46,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from iet_jax.kernels import pallas_gather, reference
+from iet_jax.kernels import native, pallas_gather, reference
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "native", "pallas")
 # Mesh axes the leading (batch) axis of the attention arrays is split over inside
 # `jax.shard_map` (those of them that the current mesh has, while their size divides it):
 # the same axes the training loop splits the batch over (`iet_jax.training.sharding`).
@@ -59,7 +60,14 @@ def resolve(impl: str, deterministic: bool = False) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"gather implementation {impl!r} is not one of {IMPLEMENTATIONS}")
     if impl == "auto":
-        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+        if jax.default_backend() == "gpu":
+            impl = "pallas"
+        else:
+            impl = "native" if native.available() else "xla"
+    if impl == "native" and not native.available():
+        raise ValueError("gather implementation 'native' runs only where JAX's backend is the "
+                         "CPU and the native kernels are built (see the warning above, if "
+                         "any); use 'auto' or 'xla'")
     if impl == "pallas":
         return "pallas_deterministic" if deterministic else "pallas"
     if deterministic and jax.default_backend() == "gpu":
@@ -71,9 +79,22 @@ def resolve(impl: str, deterministic: bool = False) -> str:
 
 # ----------------------------------------------------------------------------- the primitives
 
+
+def _float32_or_reference(native_fn, reference_fn):
+    """native_fn where both operands are float32, else the XLA reference (float64, bfloat16)."""
+    def primitive(a, b, idx):
+        if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+            return native_fn(a, b, idx)
+        return reference_fn(a, b, idx)
+    return primitive
+
+
 # (qk, av, scatter) of each implementation, by the key `resolve` returns.
 PRIMITIVES = {
     "xla": (reference.qk, reference.av, reference.scatter),
+    "native": (_float32_or_reference(native.qk, reference.qk),
+               _float32_or_reference(native.av, reference.av),
+               _float32_or_reference(native.scatter, reference.scatter)),
     "pallas": (pallas_gather.qk, pallas_gather.av, pallas_gather.scatter),
     "pallas_deterministic": (pallas_gather.qk, pallas_gather.av,
                              pallas_gather.scatter_deterministic),
@@ -81,7 +102,7 @@ PRIMITIVES = {
 # Every implementation runs per device in a shard_map over the batch axes: a pallas_call must
 # sit in one, and the XLA path, left to XLA's partitioner, gathered every (batch x head) row
 # onto every device (all-gathers of q, k, v in a data-parallel step: replicated work).
-_SHARD_MAPPED = ("xla", "pallas", "pallas_deterministic")
+_SHARD_MAPPED = ("xla", "native", "pallas", "pallas_deterministic")
 
 
 def _batch_spec(impl: str, x: jax.Array) -> PartitionSpec | None:

@@ -1,11 +1,14 @@
-"""Native CPU kernels for the attention's top-k and list merge, built on first use.
+"""Native CPU kernels for the attention, built on first use: its top-k and list merge, and
+the three gather primitives.
 
 XLA:CPU sorts through a generated comparator that it calls once per comparison, so the
 attention's top-k cuts and the propagation's de-duplicating merges cost about a quarter of
-IET's CPU forward pass. `native_sort.cc` (shipped with the package) does the same two jobs as
-XLA FFI custom calls without comparison sorts: top-k by radix selection, the merge through a
-bitmap of the tokens. The XLA programs in `iet_jax.model.attention` stay the tests' oracle
-and every other platform's path; the results are the same bit for bit.
+IET's CPU forward pass; and its gathers copy every chunk of candidate rows before they are
+multiplied. `native.cc` (shipped with the package) does these jobs as XLA FFI custom calls:
+top-k by radix selection and the merge through a bitmap of the tokens (the same results bit
+for bit as the XLA programs in `iet_jax.model.attention`), and `qk`, `av` and `scatter` of
+`iet_jax.kernels.reference` reading the candidate rows in place (float32; the same sums in
+another order). The XLA programs stay the tests' oracle and every other platform's path.
 
 The first process that needs the kernels compiles them with the machine's C++ compiler (`CXX`,
 else g++, c++ or clang++) against the XLA FFI headers that jaxlib ships, into a cache folder
@@ -36,13 +39,14 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-SOURCE = Path(__file__).with_name("native_sort.cc")
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+SOURCE = Path(__file__).with_name("native.cc")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-w")
 COMPILERS = ("g++", "c++", "clang++")
 SWITCH = "IET_JAX_NATIVE"  # "0" turns the kernels off
 CACHE = "IET_JAX_CACHE"  # where the compiled library goes
 TOP_K_F32 = "iet_top_k_f32"
 MERGE_I32 = "iet_merge_i32"
+QK_F32, AV_F32, SCATTER_F32 = "iet_qk_f32", "iet_av_f32", "iet_scatter_f32"
 COMPILE_TIMEOUT_S = 300
 
 _disabled = contextvars.ContextVar("iet_jax_native_disabled", default=False)
@@ -110,10 +114,12 @@ def build(directory: Path, cxx: str) -> Path:
 
 
 def load(path: Path) -> None:
-    """Register the library's two handlers with XLA for the CPU."""
+    """Register the library's handlers with XLA for the CPU."""
     try:
         library = ctypes.cdll.LoadLibrary(str(path))
-        handlers = {TOP_K_F32: library.IetTopKF32, MERGE_I32: library.IetMergeI32}
+        handlers = {TOP_K_F32: library.IetTopKF32, MERGE_I32: library.IetMergeI32,
+                    QK_F32: library.IetQkF32, AV_F32: library.IetAvF32,
+                    SCATTER_F32: library.IetScatterF32}
     except (OSError, AttributeError) as error:
         raise NativeBuildError(f"cannot load {path} ({error}); delete it to rebuild") from None
     for name, handler in handlers.items():
@@ -128,8 +134,8 @@ def _ready() -> bool:
     try:
         load(build(cache_dir(), compiler()))
     except NativeBuildError as error:
-        warnings.warn(f"iet_jax: the native CPU top-k and merge kernels are off: {error}. "
-                      f"XLA's sorts run instead (same results, slower); set {SWITCH}=0 to "
+        warnings.warn(f"iet_jax: the native CPU kernels are off: {error}. XLA's sorts and "
+                      f"gathers run instead (same results, slower); set {SWITCH}=0 to "
                       f"silence this.", RuntimeWarning, stacklevel=3)
         return False
     return True
@@ -165,3 +171,27 @@ def merge(a: jax.Array, b: jax.Array, size: int, tokens: int) -> jax.Array:
     out = jax.ShapeDtypeStruct(a.shape[:-1] + (size,), jnp.int32)
     call = jax.ffi.ffi_call(MERGE_I32, out, vmap_method="broadcast_all")
     return call(a.astype(jnp.int32), b.astype(jnp.int32), tokens=np.int64(tokens))
+
+
+def _gather(name: str, a: jax.Array, b: jax.Array, idx: jax.Array, last: int) -> jax.Array:
+    for operand in (a, b):
+        if operand.dtype != jnp.float32:
+            raise TypeError(f"the native gathers take float32, got {operand.dtype}")
+    out = jax.ShapeDtypeStruct(idx.shape[:-1] + (last,), jnp.float32)
+    return jax.ffi.ffi_call(name, out, vmap_method="broadcast_all")(a, b, idx.astype(jnp.int32))
+
+
+def qk(x: jax.Array, y: jax.Array, idx: jax.Array) -> jax.Array:
+    """`iet_jax.kernels.reference.qk` for float32: (H, N, d), (H, N, d), (H, N, K) -> (H, N, K)."""
+    return _gather(QK_F32, x, y, idx, idx.shape[-1])
+
+
+def av(w: jax.Array, y: jax.Array, idx: jax.Array) -> jax.Array:
+    """`iet_jax.kernels.reference.av` for float32: (H, N, K), (H, N, d), (H, N, K) -> (H, N, d)."""
+    return _gather(AV_F32, w, y, idx, y.shape[-1])
+
+
+def scatter(w: jax.Array, x: jax.Array, idx: jax.Array) -> jax.Array:
+    """`iet_jax.kernels.reference.scatter` for float32: (H, N, K), (H, N, d), (H, N, K) ->
+    (H, N, d)."""
+    return _gather(SCATTER_F32, w, x, idx, x.shape[-1])

@@ -78,7 +78,9 @@ def model_config(**fields: Any) -> ml_collections.ConfigDict:
         img_range=1.0,
         dtype="float32",  # compute dtype
         param_dtype="float32",
-        gather_impl="auto",  # "auto" (GPU: pallas, else xla), "xla", "pallas"; see iet_jax.kernels
+        # "auto" (GPU: pallas; CPU: native where built, else xla), "xla", "native", "pallas";
+        # see iet_jax.kernels.gather.
+        gather_impl="auto",
         # True: the gathers' backward sums in a fixed order (same bits every run, slower)
         # instead of atomic adds; matters for gather_impl "pallas" on GPU.
         gather_deterministic=False,

@@ -1,11 +1,12 @@
-// CPU kernels for the two sorts in IET's attention, as XLA FFI custom calls.
+// CPU kernels for IET's attention, as XLA FFI custom calls: its two sorts and its three
+// gather primitives. Built on first use by iet_jax/kernels/native.py; the XLA programs they
+// replace (iet_jax/model/attention.py, iet_jax/kernels/reference.py) are the tests' oracle.
+// Rows are split over XLA's intra-op thread pool.
 //
-// XLA:CPU sorts through a generated comparator that it calls once per comparison. These
+// XLA:CPU sorts through a generated comparator that it calls once per comparison. The sort
 // kernels avoid comparison sorts where they can: top-k selects by radix (a byte of the key at
 // a time) and then radix-sorts only the k it keeps; the merge marks tokens in a bitmap and
-// reads them back in order. Rows are split over XLA's intra-op thread pool. Built on first
-// use by iet_jax/kernels/native.py; the XLA programs in iet_jax/model/attention.py are the
-// tests' oracle.
+// reads them back in order.
 //
 //   iet_top_k_f32(x[R, n] f32) -> positions[R, k] i32
 //     jax.lax.top_k(x, k, is_stable=True)'s positions: the k largest, descending, equal
@@ -13,6 +14,18 @@
 //   iet_merge_i32(a[R, m] i32, b[R, e] i32; tokens) -> out[R, size] i32
 //     The union of a row's two lists of token indices in [-1, tokens), ascending, each value
 //     once (so an empty slot, -1, survives once, first), cut to `size`, -1 padded.
+//
+// XLA's gather path copies each chunk of queries' candidate rows into a block and multiplies
+// it. The gather kernels read the rows where they are instead, with the d channels
+// vectorised (one clone per instruction set, chosen when the library loads). Shapes are
+// (..., N, .): all but the last two axes are heads; idx holds token indices in [-1, N), -1
+// an empty slot.
+//   iet_qk_f32(x[.., N, d], y[.., N, d], idx[.., N, K]) -> [.., N, K]
+//     x[i] . y[idx[i, t]], 0 for an empty slot.
+//   iet_av_f32(w[.., N, K], y[.., N, d], idx[.., N, K]) -> [.., N, d]
+//     sum over t of w[i, t] * y[idx[i, t]], empty slots skipped.
+//   iet_scatter_f32(w[.., N, K], x[.., N, d], idx[.., N, K]) -> [.., N, d]
+//     out[j] = sum over (i, t) with idx[i, t] = j of w[i, t] * x[i], in (i, t) order.
 
 #include <algorithm>
 #include <atomic>
@@ -22,6 +35,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -31,7 +45,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Rows per task: enough work that scheduling costs nothing next to it.
+// Rows per task for the row-wise kernels: enough work that scheduling costs nothing.
 constexpr int64_t kRowsPerTask = 256;
 
 // Work shared by the calling thread and the pool's threads. A task that starts after every
@@ -40,6 +54,7 @@ constexpr int64_t kRowsPerTask = 256;
 struct Blocks {
   std::function<void(int64_t, int64_t)> work;  // (first row, end row)
   int64_t rows = 0;
+  int64_t rows_per_block = 0;
   int64_t blocks = 0;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> finished{0};
@@ -48,7 +63,7 @@ struct Blocks {
 
   void Run() {
     for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) {
-      work(b * kRowsPerTask, std::min(rows, (b + 1) * kRowsPerTask));
+      work(b * rows_per_block, std::min(rows, (b + 1) * rows_per_block));
       if (finished.fetch_add(1) + 1 == blocks) {
         std::lock_guard<std::mutex> lock(mutex);
         all_finished.notify_all();
@@ -58,10 +73,12 @@ struct Blocks {
 };
 
 void ForEachRowBlock(ffi::ThreadPool& pool, int64_t rows,
-                     std::function<void(int64_t, int64_t)> work) {
+                     std::function<void(int64_t, int64_t)> work,
+                     int64_t rows_per_block = kRowsPerTask) {
   auto shared = std::make_shared<Blocks>();
   shared->rows = rows;
-  shared->blocks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  shared->rows_per_block = rows_per_block;
+  shared->blocks = (rows + rows_per_block - 1) / rows_per_block;
   if (shared->blocks <= 1) {
     work(0, rows);
     return;
@@ -263,6 +280,147 @@ ffi::Error MergeI32(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> a, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+
+// ----------------------------------------------------------------------------- gathers
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define IET_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define IET_VECTOR_CLONES
+#endif
+
+// Each returns false if an index lies outside [-1, n) (its slot then counts as empty).
+
+IET_VECTOR_CLONES
+bool QkRows(const float* x, const float* y, const int32_t* idx, float* out, int64_t n,
+            int64_t kk, int64_t d, int64_t first, int64_t end) {
+  bool in_range = true;
+  for (int64_t r = first; r < end; ++r) {
+    const float* xr = x + r * d;
+    const float* yh = y + (r / n) * n * d;
+    for (int64_t t = 0; t < kk; ++t) {
+      const int32_t j = idx[r * kk + t];
+      float s = 0;
+      if (j >= 0 && j < n) {
+        const float* yj = yh + j * d;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < d; ++c) s += xr[c] * yj[c];
+      } else {
+        in_range &= j == -1;
+      }
+      out[r * kk + t] = s;
+    }
+  }
+  return in_range;
+}
+
+IET_VECTOR_CLONES
+bool AvRows(const float* w, const float* y, const int32_t* idx, float* out, int64_t n,
+            int64_t kk, int64_t d, int64_t first, int64_t end) {
+  bool in_range = true;
+  for (int64_t r = first; r < end; ++r) {
+    float* o = out + r * d;
+    std::fill(o, o + d, 0.0f);
+    const float* yh = y + (r / n) * n * d;
+    for (int64_t t = 0; t < kk; ++t) {
+      const int32_t j = idx[r * kk + t];
+      if (j < 0 || j >= n) {
+        in_range &= j == -1;
+        continue;
+      }
+      const float weight = w[r * kk + t];
+      const float* yj = yh + j * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] += weight * yj[c];
+    }
+  }
+  return in_range;
+}
+
+IET_VECTOR_CLONES
+bool ScatterHeads(const float* w, const float* x, const int32_t* idx, float* out, int64_t n,
+                  int64_t kk, int64_t d, int64_t first, int64_t end) {
+  bool in_range = true;
+  for (int64_t h = first; h < end; ++h) {
+    float* oh = out + h * n * d;
+    std::fill(oh, oh + n * d, 0.0f);
+    for (int64_t r = h * n; r < (h + 1) * n; ++r) {
+      const float* xr = x + r * d;
+      for (int64_t t = 0; t < kk; ++t) {
+        const int32_t j = idx[r * kk + t];
+        if (j < 0 || j >= n) {
+          in_range &= j == -1;
+          continue;
+        }
+        const float weight = w[r * kk + t];
+        float* oj = oh + j * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) oj[c] += weight * xr[c];
+      }
+    }
+  }
+  return in_range;
+}
+
+using GatherRows = bool (*)(const float*, const float*, const int32_t*, float*, int64_t,
+                            int64_t, int64_t, int64_t, int64_t);
+
+// Checks the shapes (a and b as the primitive takes them, idx (.., N, K)) and runs `rows`
+// over the (head x token) rows, or with `per_head` over whole heads (the scatter's outputs
+// are shared by a head's rows).
+ffi::Error RunGather(const char* name, ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& a,
+                     const ffi::Buffer<ffi::F32>& b, const ffi::Buffer<ffi::S32>& idx,
+                     ffi::Result<ffi::Buffer<ffi::F32>>& out, GatherRows rows,
+                     bool weights_first, bool per_head) {
+  const auto dims = idx.dimensions();
+  if (dims.size() < 2 || b.dimensions().size() != dims.size())
+    return ffi::Error::InvalidArgument(std::string(name) + ": wants (..., N, K) indices");
+  const int64_t n = dims[dims.size() - 2];
+  const int64_t kk = dims.back();
+  const int64_t d = b.dimensions().back();
+  const int64_t all_rows = RowCount(dims);
+  if (n == 0 || all_rows == 0) return ffi::Error::Success();
+  // qk takes x (.., N, d) and gives (.., N, K); av and scatter take weights (.., N, K) first
+  // and give (.., N, d).
+  const int64_t a_last = weights_first ? kk : d;
+  const int64_t out_last = weights_first ? d : kk;
+  if (RowCount(a.dimensions()) != all_rows || RowCount(b.dimensions()) != all_rows ||
+      RowCount(out->dimensions()) != all_rows || RowLength(a.dimensions()) != a_last ||
+      RowLength(out->dimensions()) != out_last)
+    return ffi::Error::InvalidArgument(std::string(name) + ": operands' shapes differ");
+  const float* pa = a.typed_data();
+  const float* pb = b.typed_data();
+  const int32_t* pi = idx.typed_data();
+  float* po = out->typed_data();
+  std::atomic<bool> in_range{true};
+  auto work = [=, &in_range](int64_t first, int64_t end) {
+    if (!rows(pa, pb, pi, po, n, kk, d, first, end)) in_range = false;
+  };
+  if (per_head) {
+    ForEachRowBlock(pool, all_rows / n, work, 1);
+  } else {
+    ForEachRowBlock(pool, all_rows, work);
+  }
+  if (!in_range)
+    return ffi::Error::InvalidArgument(std::string(name) + ": an index lies outside [-1, N)");
+  return ffi::Error::Success();
+}
+
+ffi::Error QkF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                 ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+  return RunGather("iet_qk_f32", pool, x, y, idx, out, QkRows, false, false);
+}
+
+ffi::Error AvF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> y,
+                 ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+  return RunGather("iet_av_f32", pool, w, y, idx, out, AvRows, true, false);
+}
+
+ffi::Error ScatterF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> x,
+                      ffi::Buffer<ffi::S32> idx, ffi::ResultBuffer<ffi::F32> out) {
+  return RunGather("iet_scatter_f32", pool, w, x, idx, out, ScatterHeads, true, true);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(IetTopKF32, TopKF32,
@@ -278,3 +436,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(IetMergeI32, MergeI32,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("tokens"));
+
+#define IET_GATHER_HANDLER(symbol, impl)                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                  \
+                                ffi::Ffi::Bind()               \
+                                    .Ctx<ffi::ThreadPool>()    \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::F32>>() \
+                                    .Arg<ffi::Buffer<ffi::S32>>() \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+
+IET_GATHER_HANDLER(IetQkF32, QkF32)
+IET_GATHER_HANDLER(IetAvF32, AvF32)
+IET_GATHER_HANDLER(IetScatterF32, ScatterF32)
