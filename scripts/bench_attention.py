@@ -19,11 +19,13 @@ tokens, and reports:
   reports it, the process's peak bytes in use after the run (`memory_stats()`; cumulative over
   the process, so compare rows in order), else n/a.
 
-Implementations: xla, pallas (atomic scatter in the backward), pallas_deterministic (sorted
-scatter), and tiled: the initial 17x17 + dilated 25x25 windows as tiled matrix products
-(`iet_jax.model.tiled`, what `initial_attention="tiled"` runs in block 0), so only at
-K = 914 on the initial lists; gather it against xla/pallas there. On a CPU Pallas runs
-interpreted, which says nothing about GPU speed: it is skipped there unless named in --impls. Results go to benchmarks/results/attention_<platform>[_quick].json.
+Implementations: xla, native (the C++ CPU kernels, `iet_jax.kernels.native`), pallas (atomic
+scatter in the backward), pallas_deterministic (sorted scatter), and tiled: the initial
+17x17 + dilated 25x25 windows as tiled matrix products (`iet_jax.model.tiled`, what
+`initial_attention="tiled"` runs in block 0), so only at K = 914 on the initial lists; gather
+it against xla/pallas there. On a CPU Pallas runs interpreted, which says nothing about GPU
+speed: it is skipped there unless named in --impls. Results go to
+benchmarks/results/attention_<platform>[_quick].json.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import benchmarking  # noqa: E402  (scripts/benchmarking.py, a sibling of this s
 
 ALL_KS = (914, 345, 225, 185, 125, 121, 81, 64, 36, 24)
 HEADS = {"iet": (6, 40, 40), "iet_light": (3, 20, 18)}  # heads, d at K = 914, d elsewhere
-IMPLS = {"xla": ("xla", False), "pallas": ("pallas", False),
+IMPLS = {"xla": ("xla", False), "native": ("native", False), "pallas": ("pallas", False),
          "pallas_deterministic": ("pallas", True), "tiled": ("tiled", False)}
 INITIAL = (17, 25, 2)  # r1, r2, dilation of the initial lists
 
@@ -150,8 +152,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="batch 2, 16x16 tokens, K in (64, 24): a quick look on a CPU")
     parser.add_argument("--impls", default=None,
-                        help="comma list of xla, pallas, pallas_deterministic, tiled (default: "
-                             "all; xla and tiled on CPU, where Pallas is interpreted)")
+                        help="comma list of xla, native, pallas, pallas_deterministic, tiled "
+                             "(default: all; xla, native and tiled on CPU, where Pallas is "
+                             "interpreted; all but native elsewhere)")
     parser.add_argument("--variants", default="iet,iet_light")
     parser.add_argument("--ks", default=None, help="comma list of K (default: IET's budgets)")
     parser.add_argument("--batch", type=int, default=None)
@@ -167,7 +170,8 @@ def main(argv=None):
     args.repeats = args.repeats or (3 if args.quick else 10)
     ks = [int(k) for k in args.ks.split(",")] if args.ks else ([64, 24] if args.quick else ALL_KS)
     impls = args.impls.split(",") if args.impls else (
-        ["xla", "tiled"] if backend == "cpu" else list(IMPLS))
+        ["xla", "native", "tiled"] if backend == "cpu"
+        else [name for name in IMPLS if name != "native"])
     unknown = set(impls) - set(IMPLS)
     if unknown:
         parser.error(f"unknown implementations {sorted(unknown)}; choose from {list(IMPLS)}")
