@@ -22,13 +22,13 @@ so the backward never differentiates through a gather (autodiff of the XLA gathe
 the gathered (N, K, d) blocks of every layer alive, tens of GB for one training step).
 
 Implementations (`impl`): "xla" (take_along_axis + einsum in `iet_jax.kernels.reference`:
-the TPU path and the tests' oracle), "native" (C++ kernels of `iet_jax.kernels.native` for
-float32 on CPU, the reference for other dtypes), "pallas" (Triton kernels of
-`iet_jax.kernels.pallas_gather`; interpreted on a CPU, which is how the tests run them) and
-"auto" (pallas on GPU, native on CPU where it is built, xla elsewhere). `PRIMITIVES` maps each
-to its three primitives. `deterministic=True` selects a backward whose scatter sums in a fixed
-order (same bits every run) instead of atomic adds; it matters only for pallas on GPU (the
-CPU scatters are sequential already).
+the TPU path, the CPU's where the native kernels are not built, and the tests' oracle),
+"native" (C++ kernels of `iet_jax.kernels.native` for float32 on CPU, the reference for
+other dtypes), "pallas" (Triton kernels of `iet_jax.kernels.pallas_gather`; interpreted on a
+CPU, which is how the tests run them) and "auto" (pallas on GPU, native on CPU where it is
+built, xla elsewhere). `PRIMITIVES` maps each to its three primitives. `deterministic=True`
+selects a backward whose scatter sums in a fixed order (same bits every run) instead of
+atomic adds; it matters only for pallas on GPU (the CPU scatters are sequential already).
 
 Under a mesh (`jax.set_mesh`) the Pallas primitives run inside `jax.shard_map`, split along
 the leading (batch) axis over the mesh axes named in `BATCH_AXES`.

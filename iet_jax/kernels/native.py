@@ -14,7 +14,8 @@ The first process that needs the kernels compiles them with the machine's C++ co
 else g++, c++ or clang++) against the XLA FFI headers that jaxlib ships, into a cache folder
 (`IET_JAX_CACHE`, else ~/.cache/iet_jax), once per source, jaxlib version, compiler and
 machine; a few seconds. Where that fails (no compiler, a read-only cache), one warning names
-the cause and the model runs XLA's sorts instead. `IET_JAX_NATIVE=0` turns the kernels off.
+the cause and the model runs the XLA programs instead. `IET_JAX_NATIVE=0` turns the kernels
+off.
 
 They are used only where JAX's default backend is the CPU, and never inside `disabled()`:
 `jax.export` artifacts must run where this library is not installed.
