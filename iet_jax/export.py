@@ -15,7 +15,8 @@ tiles (batch, 96, 96, 3) float32 in [0, 1]; the README has a loader that tiles w
 - Lowering needs no accelerator: by default the artifact holds every platform of cpu, cuda,
   rocm and tpu that lowers (cpu must); `--platforms` asks for some, all of which must lower.
 - The attention's gathers are exported as plain XLA gathers (`gather_impl='xla'`), which lower
-  everywhere, not as the Pallas kernels (CUDA only).
+  everywhere, not as the Pallas kernels (CUDA only) or the native CPU kernels (built where
+  iet-jax is installed); its top-k and merge are XLA's too.
 - Nothing is computed before the command line, the output and the checkpoint are checked: a
   bad checkpoint, a tile below the model's minimum (named), an existing output without
   `--overwrite` are refused with one line and exit code 2. Both files are written under

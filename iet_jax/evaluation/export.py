@@ -16,8 +16,10 @@ way `Upscaler(model, tile=tile, overlap=overlap)` does. Reading it back takes
   spec names those that did not, with the reason). It runs on the platform of the caller's
   default JAX backend.
 - **Gathers.** The attention's gathers are exported with `gather_impl='xla'` (plain XLA
-  gathers), whatever the checkpoint says: the Pallas (Triton) kernels lower only for CUDA, so
-  an artifact that uses them would not run on a CPU or TPU. The numbers are the same.
+  gathers), whatever the checkpoint says: the Pallas (Triton) kernels lower only for CUDA and
+  the native CPU kernels exist only where iet-jax built them (`lower` also keeps the native
+  top-k and merge out), so an artifact that used either would not run everywhere. The
+  numbers are the same up to the order of float32 sums.
 - **Tiles.** A tile smaller than `model.min_size()` is refused (the model would pad it).
   Inside a tile the model pads nothing, so each tile's output is exactly what the Upscaler
   computes for it; the blending of overlapping tiles is done by the caller (the spec's
@@ -189,8 +191,9 @@ def describe(model: IET, tile: int, batch: int | None, overlap: int, exported,
             "parameters": count_parameters(model),
             "min_tile": inference.model_min_size(model),
             "gather_impl": EXPORT_GATHER_IMPL,
-            "gather_impl_note": "exported with the plain XLA gathers (not the Pallas kernels) "
-                                "so that it lowers for every platform; same numbers",
+            "gather_impl_note": "exported with the plain XLA gathers (not the Pallas or "
+                                "native CPU kernels) so that it runs on every platform; the "
+                                "same numbers up to the order of float32 sums",
             "config": json.loads(json.dumps(config.to_dict(), default=list)),
         },
         "calling_convention_version": exported.calling_convention_version,
