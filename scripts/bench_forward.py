@@ -84,8 +84,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    prepared = [prepare(m, args.settings, args.size, args.batch, args.dtype, v)
-                for m in args.models.split(",") for v in parse_variants(args.variants)]
+    try:
+        prepared = [prepare(m, args.settings, args.size, args.batch, args.dtype, v)
+                    for m in args.models.split(",") for v in parse_variants(args.variants)]
+    except ValueError as error:  # an unknown model or a bad override: one line, not a traceback
+        parser.error(str(error))
     rows = measure_all(prepared, args.repeats)
     machine = benchmarking.machine_info()
     print(f"{'model':14s} {'variant':>26s} {'input':>12s} {'dtype':>8s} {'compile s':>10s} "

@@ -86,6 +86,8 @@ def test_config_errors_name_the_field():
         config.model_config(depths=(4,) * 7)
     with pytest.raises(ValueError, match="no official network"):
         config.official("iet", 8)
+    with pytest.raises(ValueError, match="gather_impl must be one of .*'native'.*got 'fast'"):
+        config.model_config(gather_impl="fast")
     with pytest.raises(ValueError, match="network_g.ape"):
         official.from_network_g({"type": "IET", "ape": True})
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import ml_collections
 
+from iet_jax.kernels.gather import IMPLEMENTATIONS as GATHER_IMPLEMENTATIONS
+
 DTYPES = ("float32", "bfloat16", "float64")
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect")
 
@@ -125,6 +127,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.depthwise_impl not in ("auto", "conv", "shifted"):
         raise ValueError(f"depthwise_impl must be 'auto', 'conv' or 'shifted', got "
                          f"{config.depthwise_impl!r}")
+    if config.gather_impl not in GATHER_IMPLEMENTATIONS:
+        raise ValueError(f"gather_impl must be one of {GATHER_IMPLEMENTATIONS}, got "
+                         f"{config.gather_impl!r}")
     if config.initial_attention not in ("auto", "gather", "tiled"):
         raise ValueError(f"initial_attention must be 'auto', 'gather' or 'tiled', got "
                          f"{config.initial_attention!r}")
