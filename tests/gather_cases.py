@@ -1,5 +1,6 @@
-"""What the gather kernels' tests share: candidate lists with every awkward case, a tolerance
-check relative to the oracle's magnitude, and a scalar loss through both gather ops."""
+"""What the gather kernels' tests share: candidate lists with every awkward case, the three
+primitives' inputs, a tolerance check relative to the oracle's magnitude, and a scalar loss
+through both gather ops."""
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,16 @@ def lists(rng, shape, n):
     idx[..., 0, :] = 5  # one list that names a single token K times
     idx[..., 1, :] = -1  # one list that is all empty
     return jnp.asarray(idx)
+
+
+def inputs(seed, shape, dtype=jnp.float32):
+    """x, y (H, N, d) in `dtype`, weights w (H, N, K) in their accumulation dtype (float64
+    stays float64, else float32) and `lists` idx, for shape (H, N, K, d)."""
+    h, n, k, d = shape
+    rng = np.random.default_rng(seed)
+    x, y = (jnp.asarray(rng.standard_normal((h, n, d)), dtype) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal((h, n, k)), jnp.float32 if dtype != jnp.float64 else dtype)
+    return x, y, w, lists(rng, (h, n, k), n)
 
 
 def close(got, want, tol):

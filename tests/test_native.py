@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gather_cases import attention_loss, close, lists
+from gather_cases import attention_loss, close, inputs, lists
 from iet_jax.kernels import gather, native, reference
 from iet_jax.model import attention as A
 
@@ -101,19 +101,12 @@ def test_switched_off_by_the_environment(fresh_build):
 # ----------------------------------------------------------------------------- the gathers
 
 
-def gather_inputs(seed, h, n, k, d):
-    rng = np.random.default_rng(seed)
-    x, y = (jnp.asarray(rng.standard_normal((h, n, d)), jnp.float32) for _ in range(2))
-    w = jnp.asarray(rng.standard_normal((h, n, k)), jnp.float32)
-    return x, y, w, lists(rng, (h, n, k), n)
-
-
 @pytest.mark.parametrize("shape", [(3, 37, 13, 10), (5, 300, 40, 40)])
 def test_native_gathers_match_the_xla_reference(shape, native_kernels):
     """qk, av and scatter against the reference: empty slots, a token twice in a list, a list
     of one token, an all-empty list; odd K and d; and (second shape) rows and heads split
     over threads."""
-    x, y, w, idx = gather_inputs(0, *shape)
+    x, y, w, idx = inputs(0, shape)
     with jax.default_matmul_precision("highest"):
         for name, got, want in [
             ("qk", native.qk(x, y, idx), reference.qk(x, y, idx)),
@@ -129,7 +122,7 @@ def test_native_gathers_match_the_xla_reference(shape, native_kernels):
 
 
 def test_native_gathers_refuse_an_index_outside_the_tokens(native_kernels):
-    x, y, w, idx = gather_inputs(1, 2, 20, 6, 8)
+    x, y, w, idx = inputs(1, (2, 20, 6, 8))
     for bad in (20, -2):
         wrong = idx.at[1, 3, 2].set(bad)
         for call in (lambda: native.qk(x, y, wrong), lambda: native.av(w, y, wrong),

@@ -13,7 +13,7 @@ import pytest
 
 from iet_jax.kernels import gather, native, reference
 from iet_jax.kernels import pallas_gather as pg
-from gather_cases import attention_loss, close, lists
+from gather_cases import attention_loss, close, inputs, lists
 from tiny import tiny_model_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -28,18 +28,11 @@ H, N, K, D = 3, 37, 13, 10
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-5, jnp.float64: 1e-12}
 
 
-def inputs(dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x, y = (jnp.asarray(rng.standard_normal((H, N, D)), dtype) for _ in range(2))
-    w = jnp.asarray(rng.standard_normal((H, N, K)), jnp.float32 if dtype != jnp.float64 else dtype)
-    return x, y, w, lists(rng, (H, N, K), N)
-
-
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
 def test_primitives_match_xla(dtype):
     # "highest": on a GPU the XLA reference's float32 dots could otherwise use TF32.
     with jax.enable_x64(dtype == jnp.float64), jax.default_matmul_precision("highest"):
-        x, y, w, idx = inputs(dtype)
+        x, y, w, idx = inputs(0, (H, N, K, D), dtype)
         for name, got, want in [
             ("qk", pg.qk(x, y, idx), reference.qk(x, y, idx)),
             ("av", pg.av(w, y, idx), reference.av(w, y, idx)),
@@ -69,7 +62,7 @@ def test_gradients_match_xla(dtype):
 
 
 def test_deterministic_scatter_repeats_bits():
-    x, _, w, idx = inputs(jnp.float32, seed=2)
+    x, _, w, idx = inputs(2, (H, N, K, D))
     idx = jnp.where(idx >= 0, idx % 4, idx)  # a few hot tokens with long segments
     first = np.asarray(jax.jit(pg.scatter_deterministic)(w, x, idx))
     second = np.asarray(pg.scatter_deterministic(w, x, idx))  # traced and compiled again
